@@ -1,0 +1,164 @@
+"""The relay: a Flask app that streams a model's answer as Server-Sent Events."""
+import dataclasses
+import json
+import logging
+import socket
+import time
+import uuid
+
+from flask import Flask, Response, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+import config
+import db
+import demo
+import providers
+from sse import Cancelled, EventStream, ServerSentEvent
+
+log = logging.getLogger("relay")
+
+ROLES = ("system", "user", "assistant")
+
+SHUTDOWN_ERROR = {"status": "error", "type": "server_shutdown",
+                  "message": "The server is restarting; the answer was cut short. Retry to continue."}
+
+
+class BadRequest(Exception):
+    """The request body is not a valid chat request."""
+
+
+def parse_chat_request(body):
+    """Return (messages, max_tokens) from a /api/chat body, or raise BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        if message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= 1_000_000):
+        raise BadRequest("max_tokens must be an integer from 1 to 1000000")
+    return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens
+
+
+def error_response(status, type, message):
+    """Return the JSON error every non-streaming failure uses."""
+    return jsonify(error={"type": type, "message": message}), status
+
+
+def _ms(start, end):
+    return None if start is None or end is None else round((end - start) * 1000, 1)
+
+
+def generation(settings, gen_id, messages, max_tokens):
+    """Yield one generation's events, and finish its row in the log whatever ends it."""
+    started, first = time.monotonic(), None
+    pieces, info = [], {}
+    row = {"status": "complete", "cancel_reason": None, "error": None}
+    yield ServerSentEvent("start", {"id": gen_id, "model": settings.model})
+    try:
+        for text in providers.stream(settings, messages, max_tokens, info):
+            if first is None:
+                first, row["first_token_at"] = time.monotonic(), db.now()
+            pieces.append(text)
+            yield ServerSentEvent("delta", {"text": text})
+        yield ServerSentEvent("done", {"status": "complete", "finish_reason": info.get("finish_reason"),
+                                       "usage": info.get("usage")})
+    except Cancelled as stop:
+        row.update(status="cancelled", cancel_reason=stop.reason)
+        if stop.reason == "server_shutdown":
+            yield ServerSentEvent("error", SHUTDOWN_ERROR)
+    except providers.UpstreamError as exc:
+        row.update(status="error", error=f"{exc.type}: {exc.message}")
+        yield ServerSentEvent("error", exc.event_data())
+    except Exception:
+        log.exception("generation %s failed", gen_id)
+        row.update(status="error", error="internal_error")
+        yield ServerSentEvent("error", {"status": "error", "type": "internal_error",
+                                        "message": "the relay failed; see the server log"})
+    finally:
+        ended = time.monotonic()
+        db.finish_generation(settings.db_path, gen_id, ended_at=db.now(), chunks=len(pieces),
+                             text="".join(pieces), upstream_request_id=info.get("request_id"),
+                             finish_reason=info.get("finish_reason"), usage=info.get("usage"), **row)
+        log.info(json.dumps({"generation": gen_id, "status": row["status"], "reason": row["cancel_reason"],
+                             "chunks": len(pieces), "ttft_ms": _ms(started, first),
+                             "total_ms": _ms(started, ended), "error": row["error"]}))
+
+
+def create_app(settings=None):
+    """Create the relay app with settings from the environment unless given."""
+    settings = settings or config.from_env()
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    db.init(settings.db_path)
+    demo.init_app(app)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        type = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
+        return error_response(exc.code, type, exc.description)
+
+    @app.get("/")
+    def index():
+        return render_template("index.html", demo=settings.provider == "demo", model=settings.model)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "provider": settings.provider, "model": settings.model}
+
+    @app.post("/api/chat")
+    def chat():
+        if not request.is_json:
+            return error_response(415, "unsupported_media_type", "send the body as application/json")
+        try:
+            messages, max_tokens = parse_chat_request(request.get_json(silent=True))
+        except BadRequest as exc:
+            return error_response(400, "invalid_request", str(exc))
+        run = settings
+        if settings.provider == "demo" and not settings.base_url:
+            run = dataclasses.replace(settings, base_url=_own_url(request.environ) + "/demo/v1")
+        gen_id = "gen_" + uuid.uuid4().hex
+        db.start_generation(settings.db_path, gen_id, settings.provider, settings.model)
+        events = generation(run, gen_id, messages, max_tokens)
+        return Response(EventStream(events, request.environ, settings.keepalive),
+                        mimetype="text/event-stream",
+                        # X-Accel-Buffering: nginx must pass each event on at once.
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/generations")
+    def generations():
+        limit = request.args.get("limit", "20")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            return error_response(400, "invalid_request", "limit must be an integer from 1 to 1000")
+        return jsonify(generations=db.list_generations(settings.db_path, int(limit)))
+
+    @app.get("/api/generations/<gen_id>")
+    def generation_record(gen_id):
+        record = db.get_generation(settings.db_path, gen_id)
+        if record is None:
+            return error_response(404, "not_found", f"no generation {gen_id}")
+        return jsonify(record)
+
+    return app
+
+
+def _own_url(environ):
+    """Return the base URL of the socket this request came in on, to reach the demo model."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        host, port = sock.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return request.host_url.rstrip("/")

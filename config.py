@@ -1,0 +1,73 @@
+"""Settings read from environment variables, checked once at start-up."""
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+PROVIDERS = ("demo", "openai", "anthropic", "ollama")
+
+# Where each provider lives when LLM_BASE_URL is not set. The demo model is served by this
+# same app, so its URL is taken from the listening socket of each request (see app.py).
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "ollama": "http://127.0.0.1:11434",
+}
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    provider: str = "demo"
+    base_url: str = ""
+    api_key: str = ""
+    model: str = "demo"
+    keepalive: float = 15.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    db_path: str = "data/generations.db"
+    demo_tokens_per_second: float = 20.0
+    max_request_bytes: int = 1_000_000
+
+
+def _number(env, name, default, cast=float):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or value <= 0 or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    return value
+
+
+def from_env(env=os.environ):
+    """Build Settings from the environment, or raise ConfigError naming the bad variable."""
+    provider = env.get("LLM_PROVIDER", "").strip().lower() or "demo"
+    if provider not in PROVIDERS:
+        raise ConfigError(f"LLM_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    base_url = env.get("LLM_BASE_URL", "").strip().rstrip("/") or DEFAULT_BASE_URLS.get(provider, "")
+    if base_url and (urlparse(base_url).scheme not in ("http", "https") or not urlparse(base_url).netloc):
+        raise ConfigError(f"LLM_BASE_URL must be an http(s) URL, got {base_url!r}")
+    model = env.get("LLM_MODEL", "").strip() or ("demo" if provider == "demo" else "")
+    if not model:
+        raise ConfigError(f"LLM_MODEL must name the model when LLM_PROVIDER={provider}")
+    api_key = env.get("LLM_API_KEY", "").strip()
+    if provider == "anthropic" and not api_key:
+        raise ConfigError("LLM_API_KEY must be set when LLM_PROVIDER=anthropic")
+    return Settings(
+        provider=provider,
+        base_url=base_url,
+        api_key=api_key,
+        model=model,
+        keepalive=_number(env, "KEEPALIVE_SECONDS", 15.0),
+        connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 10.0),
+        read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 300.0),
+        db_path=env.get("GENERATIONS_DB", "").strip() or "data/generations.db",
+        demo_tokens_per_second=_number(env, "DEMO_TOKENS_PER_SECOND", 20.0),
+        max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 1_000_000, int),
+    )

@@ -1,0 +1,68 @@
+"""gunicorn settings for long-lived event streams. Every value can be overridden on the command line."""
+import os
+import sys
+
+import config as settings_module  # not "config": gunicorn reads that name as a setting
+import db
+
+bind = os.environ.get("BIND", "127.0.0.1:8000")
+# One process per core. Each gevent worker serves many streams at once: a stream is a
+# greenlet waiting on sockets, not a thread.
+workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
+worker_class = "gevent"
+# Open connections per worker, counting the demo model's own: each demo chat holds two.
+worker_connections = 1000
+# For async workers `timeout` is not a request limit: it is how long the worker's event
+# loop may go without a heartbeat before the master kills it. Streams last as long as they
+# need; a blocked loop (a non-cooperative call) is what this catches.
+timeout = 30
+# On reload (HUP) or TERM, streams get this long to finish; then each open one gets an
+# `error` event saying the server is restarting, its upstream is closed and its row is
+# marked cancelled / server_shutdown (see worker hooks below).
+graceful_timeout = 30
+# Idle keep-alive connections from nginx are closed after this; streams are not idle.
+keepalive = 75
+accesslog = "-"
+
+
+def on_starting(server):
+    """Check the settings once in the master, and close rows a crash left streaming."""
+    try:
+        settings = settings_module.from_env()
+    except settings_module.ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")
+    db.init(settings.db_path)
+    count = db.cancel_streaming(settings.db_path, "server_restart")
+    if count:
+        server.log.warning("marked %d generation(s) left streaming as cancelled/server_restart", count)
+
+
+def post_worker_init(worker):
+    """Stop this worker's streams with a clear error before a graceful shutdown cuts them."""
+    import gevent
+    import sse
+
+    def drain():
+        while worker.alive:
+            gevent.sleep(0.1)
+        # Leave a second before the worker's forced stop to write the last events.
+        gevent.sleep(max(0.0, worker.cfg.graceful_timeout - 2))
+        sse.stop_all("server_shutdown")
+
+    gevent.spawn(drain)
+
+
+def worker_int(worker):
+    """On a quick shutdown (INT/QUIT) stop every stream at once, with the same clear error."""
+    import gevent
+    import sse
+
+    sse.stop_all("server_shutdown")
+    gevent.sleep(0.05)
+
+
+def child_exit(server, worker):
+    """A worker that died (or was killed) leaves no row streaming."""
+    count = db.cancel_streaming(settings_module.from_env().db_path, "server_restart", worker_pid=worker.pid)
+    if count:
+        server.log.warning("worker %s left %d generation(s) streaming; marked cancelled/server_restart", worker.pid, count)

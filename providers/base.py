@@ -1,0 +1,69 @@
+"""What every provider adapter shares: the HTTP pool, the POST, the error type."""
+import json
+
+import requests
+
+# One pool per worker: a finished stream's connection is reused; a cancelled one is closed.
+http = requests.Session()
+http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
+http.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=64))
+
+ERROR_TYPES = {400: "invalid_request", 401: "authentication_error", 403: "permission_error",
+               404: "not_found", 408: "upstream_timeout", 413: "invalid_request",
+               429: "rate_limited", 503: "upstream_overloaded", 529: "upstream_overloaded"}
+
+
+class UpstreamError(Exception):
+    """The upstream failed; `type` and `message` go to the client in the error event."""
+
+    def __init__(self, type, message, status=None, retry_after=None):
+        super().__init__(message)
+        self.type, self.message, self.status, self.retry_after = type, message, status, retry_after
+
+    def event_data(self):
+        """Return the data of the `error` event for this failure."""
+        data = {"status": "error", "type": self.type, "message": self.message}
+        if self.status is not None:
+            data["upstream_status"] = self.status
+        if self.retry_after is not None:
+            data["retry_after"] = self.retry_after
+        return data
+
+
+def error_message(body):
+    """Return the human message inside a provider's error JSON, or None."""
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return err.get("message") or err.get("detail")
+        if isinstance(err, str):
+            return err
+    return None
+
+
+def post_stream(settings, path, body, headers, info):
+    """POST a streaming request; return the response, or raise UpstreamError for a non-2xx."""
+    resp = http.post(
+        settings.base_url + path,
+        json=body,
+        # identity: a compressed stream is buffered by the decoder and delays events.
+        headers={"Accept-Encoding": "identity", **headers},
+        stream=True,
+        timeout=(settings.connect_timeout, settings.read_timeout),
+    )
+    info["request_id"] = resp.headers.get("x-request-id") or resp.headers.get("request-id")
+    if resp.status_code < 400:
+        return resp
+    with resp:
+        raw = resp.raw.read(64 * 1024, decode_content=True)
+    try:
+        message = error_message(json.loads(raw))
+    except ValueError:
+        message = None
+    message = message or raw.decode("utf-8", "replace").strip()[:500] or resp.reason
+    raise UpstreamError(
+        ERROR_TYPES.get(resp.status_code, "upstream_server_error" if resp.status_code >= 500 else "upstream_error"),
+        f"upstream answered {resp.status_code}: {message}",
+        status=resp.status_code,
+        retry_after=resp.headers.get("retry-after"),
+    )

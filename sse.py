@@ -1,0 +1,201 @@
+"""Server-Sent Events whose Stop really stops: the cancellation core. Copy this file.
+
+The chain is browser -> nginx -> gunicorn (gevent worker) -> this relay -> upstream model.
+This module holds the links that live in the worker:
+
+  client -> worker    EventStream watches the client socket from the first moment and
+                      treats EOF/reset as Stop, without waiting for the next write;
+                      a failed write (GeneratorExit) is the second line.
+  worker -> upstream  Stop kills the producer greenlet: Cancelled is raised wherever it is
+                      blocked (connect, waiting for headers, reading the body), and
+                      requests/urllib3 close that connection instead of pooling it.
+  upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
+                      that ends mid-event, so no truncated event is ever relayed.
+
+Needs gevent (and a monkey-patched or gevent socket, as gunicorn's gevent worker gives).
+"""
+import json
+import socket
+
+import gevent
+from gevent.queue import Empty, Queue
+from sseclient import SSEClient
+
+
+class ServerSentEvent:
+    """One event of a text/event-stream; encode() is the whole wire format."""
+
+    __slots__ = ("event", "data", "comment")
+
+    def __init__(self, event=None, data=None, comment=None):
+        self.event, self.data, self.comment = event, data, comment
+
+    def encode(self):
+        """Return the event as bytes, data as JSON unless it is already a string."""
+        lines = []
+        if self.comment is not None:
+            lines.append(": " + self.comment)
+        if self.event:
+            lines.append("event: " + self.event)
+        if self.data is not None:
+            text = self.data if isinstance(self.data, str) else json.dumps(self.data, ensure_ascii=False)
+            # https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+            lines.extend("data: " + line for line in text.split("\n"))
+        return ("\n".join(lines) + "\n\n").encode()
+
+
+# A comment is real bytes on the wire: proxies and browsers see traffic, EventSource ignores it.
+# (Yielding b"" from a WSGI body writes nothing at all, so it keeps nothing alive.)
+KEEPALIVE = ServerSentEvent(comment="keepalive").encode()
+
+
+class Cancelled(gevent.GreenletExit):
+    """Raised inside the producer when its stream is stopped; `reason` says why."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_END = object()
+_live = set()  # this worker's open streams, so a shutdown can stop them all
+
+
+def stop_all(reason="server_shutdown"):
+    """Stop every open stream of this worker, e.g. when gunicorn starts shutting it down."""
+    for stream in list(_live):
+        stream.stop(reason)
+
+
+class EventStream:
+    """A WSGI response body that relays `events` (an iterator of ServerSentEvent).
+
+    The events run in their own greenlet beside a watcher of the client socket; whichever
+    ends first ends the other. Keepalive comments fill any silence of `keepalive` seconds.
+    """
+
+    def __init__(self, events, environ, keepalive=15.0):
+        self._events = events
+        # gunicorn passes the client socket; so does werkzeug's dev server.
+        self._sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        self._keepalive = keepalive
+        self._queue = Queue()
+        self._body = self._run()
+
+    def __iter__(self):
+        return self._body
+
+    def close(self):
+        """Called by the WSGI server when the response ends, however it ends."""
+        self._body.close()
+
+    def stop(self, reason):
+        """End the stream for `reason`; callable from any greenlet."""
+        self._queue.put(Cancelled(reason))
+
+    def _run(self):
+        producer = gevent.spawn(self._produce)
+        watcher = gevent.spawn(self._watch) if self._sock is not None else None
+        _live.add(self)
+        # If a write fails gunicorn closes us (GeneratorExit): the client has left.
+        reason = "client_disconnect"
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self._keepalive)
+                except Empty:
+                    yield KEEPALIVE
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, Cancelled):
+                    reason = item.reason
+                    producer.kill(item)  # blocks until it has closed the upstream
+                    if reason != "client_disconnect":
+                        # The client is still there: relay what the producer said last.
+                        while (item := self._queue.get()) is not _END:
+                            if isinstance(item, ServerSentEvent):
+                                yield item.encode()
+                    return
+                yield item.encode()
+        except gevent.GreenletExit:
+            reason = "server_shutdown"  # gunicorn killed this handler after graceful_timeout
+            raise
+        finally:
+            _live.discard(self)
+            if watcher is not None:
+                watcher.kill()
+            producer.kill(Cancelled(reason))
+
+    def _produce(self):
+        try:
+            for event in self._events:
+                self._queue.put(event)
+        finally:
+            self._queue.put(_END)
+
+    def _watch(self):
+        if wait_for_disconnect(self._sock):
+            self.stop("client_disconnect")
+
+
+def wait_for_disconnect(sock):
+    """Block until the client socket reports EOF or an error (True), or can't be watched (False)."""
+    try:
+        _detect_dead_peer(sock)
+        while True:
+            gevent.socket.wait_read(sock.fileno())
+            try:
+                # Peek: any bytes belong to the server's next request, not to us.
+                return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # woken without data
+    except ValueError:
+        return False  # a TLS socket can't peek: the write path remains
+    except OSError:
+        return True  # ECONNRESET, or ETIMEDOUT from the dead-peer timers
+
+
+def _detect_dead_peer(sock):
+    """Make the kernel error a connection whose peer vanished without FIN or RST within ~10 s."""
+    # Keepalive probes cover silence; TCP_USER_TIMEOUT covers data left unacknowledged
+    # (RFC 5482). Without them a pulled cable looks alive for 15+ minutes.
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 5),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 2),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), 10_000),
+    ]
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except (OSError, TypeError):
+            pass  # an option this kernel lacks (TypeError: no such constant here) is not a Stop
+
+
+class TruncatedStream(Exception):
+    """The upstream body ended in the middle of an event or line."""
+
+
+SSE_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+def iter_chunks(response, ends=SSE_ENDS):
+    """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end."""
+    # read1 returns whatever has arrived, for chunked and close-delimited bodies alike;
+    # iterating the response or SSEClient(response) reads fixed blocks and batches events.
+    tail = b""
+    while chunk := response.raw.read1(65536):
+        tail = (tail + chunk)[-4:]
+        yield chunk
+    if tail and not tail.endswith(ends):
+        # sseclient-py would hand the partial event on as if it were whole.
+        raise TruncatedStream("upstream closed the connection in the middle of an event")
+
+
+def sse_events(response):
+    """Yield the sseclient Events of a streamed text/event-stream response as they arrive."""
+    return SSEClient(iter_chunks(response)).events()
