@@ -90,7 +90,7 @@ class Server:
                     "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "wsgi:app"],
+        self.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, "wsgi:app"],
                                      cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz", proc=self.proc)
 

@@ -20,6 +20,7 @@ DEFAULTS = {
     "tokens": 5,            # how many text pieces
     "interval": 0.01,       # seconds between pieces
     "text": "tok{i} ",      # piece text; {i} is its index, {t} the monotonic send time
+    "pad": 0,               # prefix each piece with this many "x" (very large events)
     "framing": "chunked",   # chunked | close (no Content-Length, no chunking)
     "header_delay": 0,      # silence before the status line
     "silence_after": None,  # after this many pieces ...
@@ -89,7 +90,7 @@ MALFORMED = {"openai": b"data: {not json\n\n", "anthropic": b"event: content_blo
 
 
 def piece(s, i):
-    return s["text"].replace("{i}", str(i)).replace("{t}", f"{time.monotonic():.6f}")
+    return "x" * s["pad"] + s["text"].replace("{i}", str(i)).replace("{t}", f"{time.monotonic():.6f}")
 
 
 class ClientGone(Exception):
@@ -156,9 +157,12 @@ def respond_json(conn, status, body, extra=""):
 
 def handle(conn):
     buf = b""
+    rec = None
     while True:
         req, body, headers, buf = read_request(conn, buf)
         if req is None:
+            if rec is not None and not rec["closed_at"]:
+                rec["closed_at"] = time.monotonic()  # closed after a finished response
             return
         method, path, _ = req
         if path.startswith("/_log/"):
@@ -166,12 +170,13 @@ def handle(conn):
                 rec = records.get(path[len("/_log/"):])
             respond_json(conn, 200 if rec else 404, rec or {})
             continue
-        if not serve(conn, path, body, headers):
+        keep, rec = serve(conn, path, body, headers)
+        if not keep:
             return
 
 
 def serve(conn, path, body, headers):
-    """Serve one streaming request; return True if the connection may carry another."""
+    """Serve one streaming request; return (may the connection carry another, its record)."""
     payload = json.loads(body or b"{}")
     fmt = "anthropic" if path.endswith("/v1/messages") else "ollama" if path.endswith("/api/chat") else "openai"
     s = dict(DEFAULTS)
@@ -193,7 +198,7 @@ def serve(conn, path, body, headers):
             data = (s["error_body"] or "").encode()
             conn.sendall(f"HTTP/1.1 {s['status']} Error\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n".encode() + data)
             rec["headers_sent_at"] = time.monotonic()
-            return True
+            return True, rec
         framing = "Transfer-Encoding: chunked\r\n" if chunked else "Connection: close\r\n"
         conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: {FORMATS[fmt][1]}\r\nx-request-id: up-{tag}\r\nrequest-id: up-{tag}\r\n{framing}{extra}\r\n".encode())
         rec["headers_sent_at"] = time.monotonic()
@@ -215,14 +220,14 @@ def serve(conn, path, body, headers):
             if chunked:
                 conn.sendall(b"0\r\n\r\n")
             rec["completed"] = True
-            return chunked
+            return chunked, rec
         # Misbehaviour at the end: half an event or garbage, then an abrupt close.
         extra_bytes = {"truncate": TRUNCATED[fmt], "malformed": MALFORMED[fmt]}.get(s["end"], b"")
         if extra_bytes:
             send(conn, extra_bytes, s, rec, chunked)
-        return False
+        return False, rec
     except ClientGone:
-        return False
+        return False, rec
 
 
 def serve_forever(port):
