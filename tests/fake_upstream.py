@@ -90,7 +90,7 @@ MALFORMED = {"openai": b"data: {not json\n\n", "anthropic": b"event: content_blo
 
 
 def piece(s, i):
-    return "x" * s["pad"] + s["text"].replace("{i}", str(i)).replace("{t}", f"{time.monotonic():.6f}")
+    return "x" * s["pad"] + s["text"].replace("{i}", str(i))  # {t} is filled in by send()
 
 
 class ClientGone(Exception):
@@ -119,6 +119,7 @@ def wait(conn, seconds, rec):
 
 
 def send(conn, data, s, rec, chunked):
+    data = data.replace(b"{t}", b"%.6f" % time.monotonic())
     pieces = [data] if not s["piece_size"] else [data[i:i + s["piece_size"]] for i in range(0, len(data), s["piece_size"])]
     for n, part in enumerate(pieces):
         if n:
