@@ -85,9 +85,9 @@ class Server:
     def __init__(self, tmp_path, workers=1, args=(), **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.db = str(tmp_path / f"gen-{self.port}.db")
-        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}", "GENERATIONS_DB": self.db,
-                    "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}}
+        self.db = env.get("GENERATIONS_DB") or str(tmp_path / f"gen-{self.port}.db")
+        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}",
+                    "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, "wsgi:app"],
