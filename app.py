@@ -23,6 +23,10 @@ SHUTDOWN_ERROR = {"status": "error", "type": "server_shutdown",
                   "message": "The server is restarting; the answer was cut short. Retry to continue."}
 
 
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
 class BadRequest(Exception):
     """The request body is not a valid chat request."""
 
@@ -106,6 +110,14 @@ def create_app(settings=None):
     db.init(settings.db_path)
     demo.init_app(app)
 
+    @app.after_request
+    def security_headers(response):
+        # Only our own scripts, styles and fetches: injected markup could not run even if
+        # model output were ever rendered as HTML (the page uses textContent only).
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
     @app.errorhandler(HTTPException)
     def http_error(exc):
         type = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
@@ -114,6 +126,10 @@ def create_app(settings=None):
     @app.get("/")
     def index():
         return render_template("index.html", demo=settings.provider == "demo", model=settings.model)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return "", 204
 
     @app.get("/healthz")
     def healthz():
