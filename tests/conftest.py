@@ -141,11 +141,13 @@ def open_fds(pid):
 class SSE:
     """A raw-socket HTTP/1.1 client that reads an event stream event by event, with arrival times."""
 
-    def __init__(self, port, body, path="/api/chat", raw_body=None, content_type="application/json", extra=b""):
+    def __init__(self, port, body, path="/api/chat", raw_body=None, content_type="application/json", extra=b"",
+                 headers=None):
         self.sock = socket.create_connection(("127.0.0.1", port))
         data = raw_body if raw_body is not None else json.dumps(body).encode()
+        more = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data + extra)
+                          f"Content-Length: {len(data)}\r\n{more}\r\n".encode() + data + extra)
         self.buf = b""
         self.body = b""
         self.closed_at = None

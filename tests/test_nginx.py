@@ -13,7 +13,14 @@ import h2.errors
 import h2.events
 import pytest
 
-from conftest import ROOT, SSE, Server, free_port, scenario, texts, wait_http
+from conftest import ROOT, SSE as RawSSE, Server, free_port, scenario, texts, wait_http
+
+BROWSER_HEADERS = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept": "*/*"}
+
+
+def SSE(port, body, **kw):
+    """A stream request that asks for compression, as every browser does."""
+    return RawSSE(port, body, headers=BROWSER_HEADERS, **kw)
 
 
 class Nginx:
