@@ -188,7 +188,7 @@ def serve(conn, path, body, headers):
     tag = s["tag"] or f"req{len(records)}"
     rec = {"tag": tag, "format": fmt, "path": path, "request_headers": headers, "request_body": payload,
            "accepted_at": time.monotonic(), "headers_sent_at": None, "closed_at": None, "pieces_sent": 0,
-           "completed": False}
+           "piece_times": [], "completed": False}
     with lock:
         records[tag] = rec
     try:
@@ -211,10 +211,12 @@ def serve(conn, path, body, headers):
                 if s["end"] in ("abrupt", "truncate", "malformed") and i == s["tokens"] - 1 and s["tokens"] > 0:
                     send(conn, data, s, rec, chunked)
                     rec["pieces_sent"] += 1
+                    rec["piece_times"].append(time.monotonic())
                     break
             send(conn, data, s, rec, chunked)
             if i is not None:
                 rec["pieces_sent"] += 1
+                rec["piece_times"].append(time.monotonic())
         else:
             if s["end"] == "never":
                 wait(conn, 3600, rec)

@@ -1,7 +1,8 @@
 """Runs the page's JavaScript unit tests (tests/js/*.test.mjs) with node's built-in runner."""
 import subprocess
 
-from conftest import ROOT, require_binary
+from conftest import require_binary
+from harness import ROOT
 
 
 def test_sse_parser_unit_tests():

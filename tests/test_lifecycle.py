@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from conftest import SSE, Server, scenario, texts
+from harness import SSE, Server, scenario, texts
 
 
 def tag():

@@ -13,7 +13,9 @@ import h2.errors
 import h2.events
 import pytest
 
-from conftest import ROOT, SSE as RawSSE, Server, free_port, scenario, texts, wait_http
+import harness
+from conftest import require_binary
+from harness import SSE as RawSSE, Server, scenario, texts
 
 BROWSER_HEADERS = {"Accept-Encoding": "gzip, deflate, br, zstd", "Accept": "*/*"}
 
@@ -23,50 +25,9 @@ def SSE(port, body, **kw):
     return RawSSE(port, body, headers=BROWSER_HEADERS, **kw)
 
 
-class Nginx:
-    """nginx running the shipped server block, on free loopback ports, in front of `server`."""
-
-    def __init__(self, tmp_path, server, read_timeout=None):
-        self.binary = require_nginx()
-        self.dir = tmp_path / f"nginx-{free_port()}"
-        self.dir.mkdir()
-        self.port, self.tls_port = free_port(), free_port()
-        self.access_log = self.dir / "access.log"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                        "-keyout", str(self.dir / "relay.key"), "-out", str(self.dir / "relay.crt")],
-                       check=True, capture_output=True)
-        conf = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
-        swaps = [("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};"),
-                 ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
-                 ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} ssl http2;"),
-                 ("/etc/nginx/ssl/", f"{self.dir}/"),
-                 ("/var/log/nginx/relay.access.log", str(self.access_log))]
-        if read_timeout:
-            swaps.append(("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};"))
-        for old, new in swaps:
-            assert old in conf, f"deploy/nginx.conf no longer has {old!r}"
-            conf = conf.replace(old, new)
-        (self.dir / "relay.conf").write_text(conf)
-        temp = "".join(f"{kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (self.dir / "nginx.conf").write_text(
-            ("user root;\n" if os.geteuid() == 0 else "")
-            + f"daemon off;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log info;\n"
-            f"events {{ worker_connections 1024; }}\nhttp {{\n{temp}include {self.dir}/relay.conf;\n}}\n")
-        self.proc = subprocess.Popen([self.binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_http(f"http://127.0.0.1:{self.port}/healthz", proc=self.proc)
-
-    def log_lines(self):
-        return self.access_log.read_text().splitlines()
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def require_nginx():
-    from conftest import require_binary
-    return require_binary("nginx")
+def Nginx(tmp_path, server, read_timeout=None):
+    """nginx from deploy/nginx.conf in front of `server`; fails under REQUIRE_E2E=1 without it."""
+    return harness.Nginx(require_binary("nginx"), tmp_path, server, read_timeout)
 
 
 def tag():

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, get_json, require_binary
+from conftest import require_binary
+from harness import ROOT, get_json
 
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 # Debian's Chromium as root in a closed network (see the env notes): no sandbox, no

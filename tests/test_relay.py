@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from conftest import SSE, Server, get_json, open_fds, scenario, texts
+from harness import SSE, Server, get_json, open_fds, scenario, texts
 
 
 def tag():
@@ -287,7 +287,7 @@ def test_200_streams_aborted_at_once_close_every_upstream_and_leak_nothing(upstr
 def test_a_bad_setting_stops_start_up_and_names_the_variable(tmp_path):
     import subprocess
     import os
-    from conftest import PYTHON, ROOT, free_port
+    from harness import PYTHON, ROOT, free_port
     env = {**os.environ, "BIND": f"127.0.0.1:{free_port()}", "KEEPALIVE_SECONDS": "soon",
            "GENERATIONS_DB": str(tmp_path / "x.db")}
     proc = subprocess.run([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,

@@ -1,0 +1,254 @@
+"""Real processes on loopback for tests and benchmarks: a fake provider, gunicorn, nginx, a raw SSE client."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=15, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def get_json(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+
+
+class Upstream:
+    """The fake provider process; record(tag) tells what it saw."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "tests", "fake_upstream.py"), str(self.port)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def record(self, tag):
+        return get_json(f"{self.url}/_log/{tag}")
+
+    def wait_closed(self, tag, timeout=5.0):
+        """Return the record once the relay has closed that request's connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.record(tag)
+            if rec.get("closed_at") or time.monotonic() > deadline:
+                return rec
+            time.sleep(0.02)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Server:
+    """A real gunicorn (gevent worker) serving wsgi:app on a free port."""
+
+    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = env.get("GENERATIONS_DB") or str(tmp_path / f"gen-{self.port}.db")
+        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}",
+                    "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app],
+                                     cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/healthz", proc=self.proc)
+
+    def workers(self):
+        """Return the pids of gunicorn's worker processes."""
+        kids = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            kids.append(int(pid))
+                except OSError:
+                    pass
+        return kids
+
+    def generation(self, gen_id):
+        return get_json(f"{self.url}/api/generations/{gen_id}")
+
+    def wait_finished(self, gen_id, timeout=5.0):
+        """Return the generation's record once it is no longer streaming."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.generation(gen_id)
+            if rec.get("status") != "streaming" or time.monotonic() > deadline:
+                return rec
+            time.sleep(0.02)
+
+    def output(self):
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class SSE:
+    """A raw-socket HTTP/1.1 client that reads an event stream event by event, with arrival times."""
+
+    def __init__(self, port, body, path="/api/chat", raw_body=None, content_type="application/json", extra=b"",
+                 headers=None):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        data = raw_body if raw_body is not None else json.dumps(body).encode()
+        more = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+                          f"Content-Length: {len(data)}\r\n{more}\r\n".encode() + data + extra)
+        self.buf = b""
+        self.body = b""
+        self.closed_at = None
+        head = self._read_until(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if l)}
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+
+    def _recv(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError
+        self.buf += data
+
+    def _read_until(self, sep):
+        while sep not in self.buf:
+            self._recv()
+        out, self.buf = self.buf.split(sep, 1)
+        return out
+
+    def _fill_body(self):
+        """Move at least one more byte of decoded body into self.body."""
+        if not self.chunked:
+            if not self.buf:
+                self._recv()
+            self.body, self.buf = self.body + self.buf, b""
+            return
+        size = int(self._read_until(b"\r\n"), 16)
+        if size == 0:
+            raise EOFError
+        while len(self.buf) < size + 2:
+            self._recv()
+        self.body, self.buf = self.body + self.buf[:size], self.buf[size + 2:]
+
+    def next(self, timeout=10.0):
+        """Return the next event or comment as (kind, data, arrival time); kind is the event name or ':'."""
+        self.sock.settimeout(timeout)
+        while b"\n\n" not in self.body:
+            self._fill_body()
+        block, self.body = self.body.split(b"\n\n", 1)
+        t = time.monotonic()
+        text = block.decode()
+        if text.startswith(":"):
+            return ":", text[1:].strip(), t
+        fields = dict(line.split(": ", 1) for line in text.split("\n"))
+        return fields.get("event", "message"), json.loads(fields["data"]), t
+
+    def read_all(self, timeout=10.0):
+        """Read events until the stream ends; return them (comments included)."""
+        events = []
+        try:
+            while True:
+                events.append(self.next(timeout))
+        except EOFError:
+            return events
+
+    def read_until(self, kind, count=1, timeout=10.0):
+        """Read until `count` events of `kind` have arrived; return all read."""
+        events = []
+        while sum(1 for e in events if e[0] == kind) < count:
+            events.append(self.next(timeout))
+        return events
+
+    def close(self):
+        self.sock.close()
+        self.closed_at = time.monotonic()
+        return self.closed_at
+
+
+def texts(events):
+    return "".join(data["text"] for kind, data, _ in events if kind == "delta")
+
+
+def scenario(**kw):
+    """A chat request whose last message tells the fake upstream what to do."""
+    return {"messages": [{"role": "user", "content": json.dumps(kw)}]}
+
+
+class Nginx:
+    """nginx running the shipped server block, on free loopback ports, in front of `server`."""
+
+    def __init__(self, binary, tmp_path, server, read_timeout=None):
+        self.binary = binary
+        self.dir = tmp_path / f"nginx-{free_port()}"
+        self.dir.mkdir()
+        self.port, self.tls_port = free_port(), free_port()
+        self.access_log = self.dir / "access.log"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-keyout", str(self.dir / "relay.key"), "-out", str(self.dir / "relay.crt")],
+                       check=True, capture_output=True)
+        conf = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
+        swaps = [("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};"),
+                 ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
+                 ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} ssl http2;"),
+                 ("/etc/nginx/ssl/", f"{self.dir}/"),
+                 ("/var/log/nginx/relay.access.log", str(self.access_log))]
+        if read_timeout:
+            swaps.append(("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};"))
+        for old, new in swaps:
+            assert old in conf, f"deploy/nginx.conf no longer has {old!r}"
+            conf = conf.replace(old, new)
+        (self.dir / "relay.conf").write_text(conf)
+        temp = "".join(f"{kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (self.dir / "nginx.conf").write_text(
+            ("user root;\n" if os.geteuid() == 0 else "")
+            + f"daemon off;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log info;\n"
+            f"events {{ worker_connections 1024; }}\nhttp {{\n{temp}include {self.dir}/relay.conf;\n}}\n")
+        self.proc = subprocess.Popen([self.binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", proc=self.proc)
+
+    def log_lines(self):
+        return self.access_log.read_text().splitlines()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
