@@ -55,7 +55,10 @@ def post_stream(settings, path, body, headers, info):
     if resp.status_code < 400:
         return resp
     with resp:
+        conn = resp.raw.connection
         raw = resp.raw.read(64 * 1024, decode_content=True)
+        if conn is not None:
+            conn.close()  # a fully read body would return it to the pool; a failed call ends here
     try:
         message = error_message(json.loads(raw))
     except ValueError:

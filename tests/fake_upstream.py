@@ -168,8 +168,8 @@ def handle(conn):
         method, path, _ = req
         if path.startswith("/_log/"):
             with lock:
-                rec = records.get(path[len("/_log/"):])
-            respond_json(conn, 200 if rec else 404, rec or {})
+                found = records.get(path[len("/_log/"):])
+            respond_json(conn, 200 if found else 404, found or {})
             continue
         keep, rec = serve(conn, path, body, headers)
         if not keep:

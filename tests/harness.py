@@ -128,7 +128,7 @@ class SSE:
     """A raw-socket HTTP/1.1 client that reads an event stream event by event, with arrival times."""
 
     def __init__(self, port, body, path="/api/chat", raw_body=None, content_type="application/json", extra=b"",
-                 headers=None):
+                 headers=None, wait_for_headers=True):
         self.sock = socket.create_connection(("127.0.0.1", port))
         data = raw_body if raw_body is not None else json.dumps(body).encode()
         more = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -137,6 +137,11 @@ class SSE:
         self.buf = b""
         self.body = b""
         self.closed_at = None
+        self.status = None
+        if wait_for_headers:
+            self._read_head()
+
+    def _read_head(self):
         head = self._read_until(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split()[1])
@@ -172,6 +177,8 @@ class SSE:
     def next(self, timeout=10.0):
         """Return the next event or comment as (kind, data, arrival time); kind is the event name or ':'."""
         self.sock.settimeout(timeout)
+        if self.status is None:
+            self._read_head()
         while b"\n\n" not in self.body:
             self._fill_body()
         block, self.body = self.body.split(b"\n\n", 1)
@@ -180,7 +187,11 @@ class SSE:
         if text.startswith(":"):
             return ":", text[1:].strip(), t
         fields = dict(line.split(": ", 1) for line in text.split("\n"))
-        return fields.get("event", "message"), json.loads(fields["data"]), t
+        try:
+            data = json.loads(fields["data"])
+        except ValueError:
+            data = fields["data"]  # e.g. OpenAI's [DONE], read straight from a provider
+        return fields.get("event", "message"), data, t
 
     def read_all(self, timeout=10.0):
         """Read events until the stream ends; return them (comments included)."""

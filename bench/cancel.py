@@ -1,0 +1,192 @@
+"""Cancel propagation and relay latency on loopback, ours vs the naive Flask relay; prints tables.
+
+    .venv/bin/python bench/cancel.py [--quick]
+
+Everything is a real process: the fake provider (tests/fake_upstream.py), gunicorn with one
+gevent worker for each relay, nginx from deploy/nginx.conf when installed, and this client
+on raw sockets. Cancel propagation is the time from the client's close() to the moment
+the provider sees its connection close; both read the same CLOCK_MONOTONIC.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from harness import SSE, Nginx, Server, Upstream, scenario  # noqa: E402
+
+PHASES = {  # the provider's behaviour, and how long the client waits before closing
+    "tokens flowing": {"tokens": 100000, "interval": 0.02},  # 50 tokens/s
+    "before headers": {"header_delay": 30},
+    "mid-stream silence": {"tokens": 100000, "interval": 0.02, "silence_after": 3, "silence": 30},
+}
+NOT_NOTICED_AFTER = 2.0  # seconds; a close not seen by then is reported as not noticed
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))]
+
+
+def into_phase(stream, phase):
+    """Read until the stream is in `phase`: pieces flowing, waiting for headers, or silent."""
+    if phase == "before headers":
+        time.sleep(0.1)
+        return
+    pieces = 0  # ours sends delta events, the naive relay passes the provider's events on
+    while pieces < 3:
+        kind, data, _ = stream.next(timeout=10)
+        pieces += kind in ("delta", "message")
+    if phase == "mid-stream silence":
+        time.sleep(0.1)
+
+
+def cancel_once(upstream, port, phase):
+    """Open one stream, close it in `phase`; return (ms until the provider saw it, tokens sent after)."""
+    tag = uuid.uuid4().hex
+    stream = SSE(port, scenario(tag=tag, **PHASES[phase]), wait_for_headers=False)
+    into_phase(stream, phase)
+    closed = stream.close()
+    rec = upstream.wait_closed(tag, timeout=NOT_NOTICED_AFTER)
+    after = sum(1 for t in rec["piece_times"] if t > closed)
+    return ((rec["closed_at"] - closed) * 1000 if rec["closed_at"] else None), after
+
+
+def open_flowing(upstream, port, count, interval):
+    streams = []
+    for _ in range(count):
+        tag = uuid.uuid4().hex
+        stream = SSE(port, scenario(tag=tag, tokens=100000, interval=interval), wait_for_headers=False)
+        stream.tag = tag
+        streams.append(stream)
+    for stream in streams:
+        into_phase(stream, "tokens flowing")
+    return streams
+
+
+def summarize(samples):
+    seen = [ms for ms, _ in samples if ms is not None]
+    after = max(a for _, a in samples)
+    if len(seen) < len(samples):
+        return {"n": len(samples), "p50": None, "p99": None, "noticed": len(seen), "after": after}
+    return {"n": len(samples), "p50": percentile(seen, 50), "p99": percentile(seen, 99), "noticed": len(seen), "after": after}
+
+
+def cancel_table(upstream, relays, runs, background):
+    rows = []
+    for name, port in relays.items():
+        streams = open_flowing(upstream, port, background, 0.05) if background else []
+        for phase in PHASES:
+            samples = []
+            for _ in range(runs):
+                samples.append(cancel_once(upstream, port, phase))
+                if samples[-1][0] is None and len(samples) >= 3:
+                    break  # this relay does not notice in this phase; more runs only wait
+            rows.append((name, phase, summarize(samples)))
+        for stream in streams:
+            stream.close()
+        time.sleep(0.5)
+    return rows
+
+
+def burst_table(upstream, relays, count, rounds):
+    rows = []
+    for name, port in relays.items():
+        samples = []
+        for _ in range(rounds):
+            streams = open_flowing(upstream, port, count, 0.02)
+            for stream in streams:
+                stream.close()
+            for stream in streams:
+                rec = upstream.wait_closed(stream.tag, timeout=NOT_NOTICED_AFTER)
+                after = sum(1 for t in rec["piece_times"] if t > stream.closed_at)
+                samples.append(((rec["closed_at"] - stream.closed_at) * 1000 if rec["closed_at"] else None, after))
+            time.sleep(0.5)
+        rows.append((name, f"{count} closed at once", summarize(samples)))
+    return rows
+
+
+def latency_table(upstream, relays, tokens):
+    """Per-event delay from the provider's send to the client's read, direct and through each relay."""
+    rows = []
+    targets = {"direct to provider": (upstream.port, "/v1/chat/completions"), **{n: (p, "/api/chat") for n, p in relays.items()}}
+    results = {}
+    for name, (port, path) in targets.items():
+        stream = SSE(port, scenario(tag=uuid.uuid4().hex, tokens=tokens, interval=0.01, text="{t}"), path=path,
+                     wait_for_headers=False)
+        delays = []
+        for kind, data, arrived in stream.read_all():
+            if kind == "delta":
+                delays.append((arrived - float(data["text"])) * 1000)
+            elif kind == "message" and isinstance(data, dict) and data.get("choices"):
+                content = data["choices"][0]["delta"].get("content")
+                if content:
+                    delays.append((arrived - float(content)) * 1000)
+        results[name] = delays
+    base = percentile(results["direct to provider"], 50)
+    for name, delays in results.items():
+        rows.append((name, len(delays), percentile(delays, 50), percentile(delays, 99), percentile(delays, 50) - base))
+    return rows
+
+
+def fmt(ms):
+    return "–" if ms is None else f"{ms:.2f}"
+
+
+def print_cancel(title, rows):
+    print(f"\n### {title}\n")
+    print("| relay | phase | runs | p50 ms | p99 ms | tokens sent after close (max) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, phase, s in rows:
+        if s["noticed"] < s["n"]:
+            p50 = p99 = f"not noticed in {NOT_NOTICED_AFTER:g} s ({s['n'] - s['noticed']}/{s['n']})"
+        else:
+            p50, p99 = fmt(s["p50"]), fmt(s["p99"])
+        print(f"| {name} | {phase} | {s['n']} | {p50} | {p99} | {s['after']} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs and streams, for a smoke test")
+    args = parser.parse_args()
+    runs, crowd = (5, 20) if args.quick else (30, 200)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    upstream = Upstream()
+    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m"}
+    ours = Server(tmp, **common)
+    naive = Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common)
+    nginx = Nginx(shutil.which("nginx"), tmp, ours) if shutil.which("nginx") else None
+    relays = {"ours": ours.port, "naive Flask relay": naive.port}
+    try:
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
+        print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
+                     cancel_table(upstream, relays, runs, 0))
+        print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
+                     cancel_table(upstream, relays, runs, crowd))
+        print_cancel(f"Cancel propagation, {crowd} streams closed at once (tokens flowing)",
+                     [(n, "tokens flowing", s) for n, _, s in burst_table(upstream, relays, crowd, 2 if not args.quick else 1)])
+        if nginx:
+            print_cancel("Cancel propagation through nginx (deploy/nginx.conf) vs direct to gunicorn",
+                         cancel_table(upstream, {"ours via nginx": nginx.port, "ours direct": ours.port}, runs, 0))
+        else:
+            print("\n(nginx not installed: no nginx column)")
+        print("\n### Per-event latency, provider send -> client read, 200 events at 100/s\n")
+        print("| path | events | p50 ms | p99 ms | added p50 ms |")
+        print("|---|---:|---:|---:|---:|")
+        for name, n, p50, p99, added in latency_table(upstream, relays, 200 if not args.quick else 50):
+            print(f"| {name} | {n} | {p50:.2f} | {p99:.2f} | {added:.2f} |")
+    finally:
+        if nginx:
+            nginx.stop()
+        naive.stop()
+        ours.stop()
+        upstream.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
