@@ -6,6 +6,7 @@ import socket
 import time
 import uuid
 
+import gevent
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
@@ -88,6 +89,9 @@ def generation(settings, gen_id, messages, max_tokens):
                                         "message": "the relay failed; see the server log"})
     finally:
         ended = time.monotonic()
+        # When many streams stop at once, let every one close its upstream before any of
+        # them spends time on its row and log line.
+        gevent.sleep(0)
         db.finish_generation(settings.db_path, gen_id, ended_at=db.now(), chunks=len(pieces),
                              text="".join(pieces), upstream_request_id=info.get("request_id"),
                              finish_reason=info.get("finish_reason"), usage=info.get("usage"), **row)

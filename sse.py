@@ -80,6 +80,8 @@ class EventStream:
         self._sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
         self._keepalive = keepalive
         self._queue = Queue()
+        self._producer = None
+        self.reason = None  # why the stream was stopped, if it was
         self._body = self._run()
 
     def __iter__(self):
@@ -91,48 +93,45 @@ class EventStream:
 
     def stop(self, reason):
         """End the stream for `reason`; callable from any greenlet."""
-        self._queue.put(Cancelled(reason))
+        if self.reason is None and self._producer is not None and not self._producer.dead:
+            self.reason = reason
+            # Cancelled lands wherever the producer waits, now, not when the writer next
+            # wakes: with many streams ending at once that is a whole loop turn sooner.
+            self._producer.kill(Cancelled(reason), block=False)
 
     def _run(self):
-        producer = gevent.spawn(self._produce)
+        self._producer = gevent.spawn(self._produce)
+        self._producer.link(lambda _: self._queue.put(_END))  # even if killed before it ran
         watcher = gevent.spawn(self._watch) if self._sock is not None else None
         _live.add(self)
-        # If a write fails gunicorn closes us (GeneratorExit): the client has left.
-        reason = "client_disconnect"
         try:
             while True:
                 try:
-                    item = self._queue.get(timeout=self._keepalive)
+                    item = self._queue.get(timeout=None if self.reason else self._keepalive)
                 except Empty:
                     yield KEEPALIVE
                     continue
                 if item is _END:
                     return
-                if isinstance(item, Cancelled):
-                    reason = item.reason
-                    producer.kill(item)  # blocks until it has closed the upstream
-                    if reason != "client_disconnect":
-                        # The client is still there: relay what the producer said last.
-                        while (item := self._queue.get()) is not _END:
-                            if isinstance(item, ServerSentEvent):
-                                yield item.encode()
-                    return
-                yield item.encode()
+                # After a server shutdown the client is still there for the last events.
+                if self.reason != "client_disconnect":
+                    yield item.encode()
+        except GeneratorExit:
+            self.stop("client_disconnect")  # a write failed: the second line of detection
+            raise
         except gevent.GreenletExit:
-            reason = "server_shutdown"  # gunicorn killed this handler after graceful_timeout
+            self.stop("server_shutdown")  # gunicorn killed this handler after graceful_timeout
             raise
         finally:
             _live.discard(self)
             if watcher is not None:
                 watcher.kill()
-            producer.kill(Cancelled(reason))
+            self.stop("client_disconnect")
+            self._producer.join()  # the producer has closed the upstream and written its row
 
     def _produce(self):
-        try:
-            for event in self._events:
-                self._queue.put(event)
-        finally:
-            self._queue.put(_END)
+        for event in self._events:
+            self._queue.put(event)
 
     def _watch(self):
         if wait_for_disconnect(self._sock):

@@ -210,8 +210,8 @@ class SSE:
         return events
 
     def close(self):
+        self.closed_at = time.monotonic()  # before: the peer may react before close() returns
         self.sock.close()
-        self.closed_at = time.monotonic()
         return self.closed_at
 
 
