@@ -23,6 +23,7 @@ PHASES = {  # the provider's behaviour, and how long the client waits before clo
     "tokens flowing": {"tokens": 100000, "interval": 0.02},  # 50 tokens/s
     "before headers": {"header_delay": 30},
     "mid-stream silence": {"tokens": 100000, "interval": 0.02, "silence_after": 3, "silence": 30},
+    "crowd": {"tokens": 100000, "interval": 0.05},  # 20 tokens/s
 }
 NOT_NOTICED_AFTER = 2.0  # seconds; a close not seen by then is reported as not noticed
 
@@ -45,26 +46,47 @@ def into_phase(stream, phase):
         time.sleep(0.1)
 
 
-def cancel_once(upstream, port, phase):
+def outcomes(upstream, closed):
+    """Wait (at most NOT_NOTICED_AFTER) for the provider to see each close; return samples.
+
+    `closed` maps tag -> client close time. A sample is (ms, or None if not seen in time;
+    pieces the provider sent after the close).
+    """
+    deadline = time.monotonic() + NOT_NOTICED_AFTER
+    records = {}
+    while len(records) < len(closed) and time.monotonic() < deadline:
+        for tag in closed.keys() - records.keys():
+            rec = upstream.record(tag)
+            if rec.get("closed_at"):
+                records[tag] = rec
+        time.sleep(0.01)
+    samples = []
+    for tag, t in closed.items():
+        rec = records.get(tag) or upstream.record(tag)
+        ms = (rec["closed_at"] - t) * 1000 if rec.get("closed_at") else None
+        samples.append((ms if ms is not None and ms <= NOT_NOTICED_AFTER * 1000 else None,
+                        sum(1 for p in rec["piece_times"] if p > t)))
+    return samples
+
+
+def cancel_once(upstream, port, path, phase):
     """Open one stream, close it in `phase`; return (ms until the provider saw it, tokens sent after)."""
     tag = uuid.uuid4().hex
-    stream = SSE(port, scenario(tag=tag, **PHASES[phase]), wait_for_headers=False)
+    stream = SSE(port, scenario(tag=tag, **PHASES[phase]), path=path, wait_for_headers=False)
     into_phase(stream, phase)
-    closed = stream.close()
-    rec = upstream.wait_closed(tag, timeout=NOT_NOTICED_AFTER)
-    after = sum(1 for t in rec["piece_times"] if t > closed)
-    return ((rec["closed_at"] - closed) * 1000 if rec["closed_at"] else None), after
+    return outcomes(upstream, {tag: stream.close()})[0]
 
 
-def open_flowing(upstream, port, count, interval):
+def open_streams(upstream, port, count, phase, path="/api/chat"):
+    """Open `count` streams and bring each into `phase`."""
     streams = []
     for _ in range(count):
         tag = uuid.uuid4().hex
-        stream = SSE(port, scenario(tag=tag, tokens=100000, interval=interval), wait_for_headers=False)
+        stream = SSE(port, scenario(tag=tag, **PHASES[phase]), path=path, wait_for_headers=False)
         stream.tag = tag
         streams.append(stream)
     for stream in streams:
-        into_phase(stream, "tokens flowing")
+        into_phase(stream, phase)
     return streams
 
 
@@ -76,14 +98,15 @@ def summarize(samples):
     return {"n": len(samples), "p50": percentile(seen, 50), "p99": percentile(seen, 99), "noticed": len(seen), "after": after}
 
 
-def cancel_table(upstream, relays, runs, background):
+def cancel_table(upstream, targets, runs, background):
     rows = []
-    for name, port in relays.items():
-        streams = open_flowing(upstream, port, background, 0.05) if background else []
-        for phase in PHASES:
+    for name, (port, path) in targets.items():
+        # The crowd streams at 20 tokens/s (one piece per 50 ms each).
+        streams = open_streams(upstream, port, background, "crowd", path) if background else []
+        for phase in ("tokens flowing", "before headers", "mid-stream silence"):
             samples = []
             for _ in range(runs):
-                samples.append(cancel_once(upstream, port, phase))
+                samples.append(cancel_once(upstream, port, path, phase))
                 if samples[-1][0] is None and len(samples) >= 3:
                     break  # this relay does not notice in this phase; more runs only wait
             rows.append((name, phase, summarize(samples)))
@@ -93,20 +116,16 @@ def cancel_table(upstream, relays, runs, background):
     return rows
 
 
-def burst_table(upstream, relays, count, rounds):
+def burst_table(upstream, targets, count, rounds, phase):
+    """Close `count` streams in `phase` at once; one sample per stream."""
     rows = []
-    for name, port in relays.items():
+    for name, (port, path) in targets.items():
         samples = []
         for _ in range(rounds):
-            streams = open_flowing(upstream, port, count, 0.02)
-            for stream in streams:
-                stream.close()
-            for stream in streams:
-                rec = upstream.wait_closed(stream.tag, timeout=NOT_NOTICED_AFTER)
-                after = sum(1 for t in rec["piece_times"] if t > stream.closed_at)
-                samples.append(((rec["closed_at"] - stream.closed_at) * 1000 if rec["closed_at"] else None, after))
-            time.sleep(0.5)
-        rows.append((name, f"{count} closed at once", summarize(samples)))
+            streams = open_streams(upstream, port, count, phase, path)
+            samples += outcomes(upstream, {stream.tag: stream.close() for stream in streams})
+            time.sleep(1)
+        rows.append((name, "tokens flowing (20/s)" if phase == "crowd" else phase, summarize(samples)))
     return rows
 
 
@@ -163,15 +182,20 @@ def main():
     relays = {"ours": ours.port, "naive Flask relay": naive.port}
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
+        targets = {"fake provider alone (the instrument)": (upstream.port, "/v1/chat/completions"),
+                   **{name: (port, "/api/chat") for name, port in relays.items()}}
         print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
-                     cancel_table(upstream, relays, runs, 0))
+                     cancel_table(upstream, targets, runs, 0))
         print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
-                     cancel_table(upstream, relays, runs, crowd))
-        print_cancel(f"Cancel propagation, {crowd} streams closed at once (tokens flowing)",
-                     [(n, "tokens flowing", s) for n, _, s in burst_table(upstream, relays, crowd, 2 if not args.quick else 1)])
+                     cancel_table(upstream, targets, runs, crowd))
+        rounds = 1 if args.quick else 3
+        print_cancel(f"Cancel propagation, {crowd} streams closed at once",
+                     burst_table(upstream, targets, crowd, rounds, "mid-stream silence")
+                     + burst_table(upstream, targets, crowd, rounds, "crowd"))
         if nginx:
             print_cancel("Cancel propagation through nginx (deploy/nginx.conf) vs direct to gunicorn",
-                         cancel_table(upstream, {"ours via nginx": nginx.port, "ours direct": ours.port}, runs, 0))
+                         cancel_table(upstream, {"ours via nginx": (nginx.port, "/api/chat"),
+                                                 "ours direct": (ours.port, "/api/chat")}, runs, 0))
         else:
             print("\n(nginx not installed: no nginx column)")
         print("\n### Per-event latency, provider send -> client read, 200 events at 100/s\n")
