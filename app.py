@@ -2,7 +2,9 @@
 import dataclasses
 import json
 import logging
+import re
 import socket
+import sqlite3
 import time
 import uuid
 
@@ -19,6 +21,9 @@ from sse import Cancelled, EventStream, ServerSentEvent
 log = logging.getLogger("relay")
 
 ROLES = ("system", "user", "assistant")
+# A client may name its generation, so it can ask the log about it even if it stops the
+# stream before the `start` event arrives.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 SHUTDOWN_ERROR = {"status": "error", "type": "server_shutdown",
                   "message": "The server is restarting; the answer was cut short. Retry to continue."}
@@ -49,7 +54,10 @@ def parse_chat_request(body):
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= 1_000_000):
         raise BadRequest("max_tokens must be an integer from 1 to 1000000")
-    return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens
+    gen_id = body.get("id")
+    if gen_id is not None and (not isinstance(gen_id, str) or not ID_PATTERN.fullmatch(gen_id)):
+        raise BadRequest("id must be 8 to 64 letters, digits, '_' or '-'")
+    return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, gen_id
 
 
 def error_response(status, type, message):
@@ -144,14 +152,17 @@ def create_app(settings=None):
         if not request.is_json:
             return error_response(415, "unsupported_media_type", "send the body as application/json")
         try:
-            messages, max_tokens = parse_chat_request(request.get_json(silent=True))
+            messages, max_tokens, gen_id = parse_chat_request(request.get_json(silent=True))
         except BadRequest as exc:
             return error_response(400, "invalid_request", str(exc))
         run = settings
         if settings.provider == "demo" and not settings.base_url:
             run = dataclasses.replace(settings, base_url=_own_url(request.environ) + "/demo/v1")
-        gen_id = "gen_" + uuid.uuid4().hex
-        db.start_generation(settings.db_path, gen_id, settings.provider, settings.model)
+        gen_id = gen_id or "gen_" + uuid.uuid4().hex
+        try:
+            db.start_generation(settings.db_path, gen_id, settings.provider, settings.model)
+        except sqlite3.IntegrityError:
+            return error_response(409, "conflict", f"a generation with id {gen_id} exists already")
         events = generation(run, gen_id, messages, max_tokens)
         return Response(EventStream(events, request.environ, settings.keepalive),
                         mimetype="text/event-stream",

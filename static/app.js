@@ -113,9 +113,16 @@ function stop() {
 }
 
 /** Stream one answer into a new assistant message, and settle how it ended. */
+/** A fresh generation id, so the page can ask the log about it even if Stop beats `start`. */
+function newId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16)); // also on plain-HTTP origins
+  return "gen_" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 async function generate() {
-  const body = JSON.stringify({ messages: history() });
-  const message = { role: "assistant", content: "", status: "streaming", meta: { tokens: 0 } };
+  const id = newId();
+  const body = JSON.stringify({ id, messages: history() });
+  const message = { role: "assistant", content: "", status: "streaming", meta: { id, tokens: 0 } };
   messages.push(message);
   save();
   render();
@@ -144,9 +151,7 @@ async function generate() {
     }
     for await (const { event, data } of readEvents(response.body)) {
       const payload = JSON.parse(data);
-      if (event === "start") {
-        message.meta.id = payload.id;
-      } else if (event === "delta") {
+      if (event === "delta") {
         message.meta.ttft ??= performance.now() - started;
         message.meta.tokens += 1;
         message.content += payload.text;

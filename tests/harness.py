@@ -68,11 +68,11 @@ class Upstream:
 class Server:
     """A real gunicorn (gevent worker) serving wsgi:app on a free port."""
 
-    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", **env):
+    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", host="127.0.0.1", **env):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.db = env.get("GENERATIONS_DB") or str(tmp_path / f"gen-{self.port}.db")
-        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}",
+        self.env = {**os.environ, "BIND": f"{host}:{self.port}",
                     "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")

@@ -228,3 +228,24 @@ def test_layout_fits_a_phone(browser, demo_server):
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     assert page.get_by_role("button", name="Send").is_visible()
     context.close()
+
+
+def test_stop_racing_the_end_agrees_with_the_server_log(page, demo_server):
+    """The server finished the answer, but Stop lands before the browser saw `done`."""
+    held = []
+    page.route("**/api/chat", lambda route: held.append(route))  # hold the response back
+    send(page, "/words 5 /rate 50")
+    while not held:
+        page.wait_for_timeout(20)
+    finished = held[0].fetch()  # the real request runs to its end on the server
+    assert b"event: done" in finished.body()
+    page.get_by_role("button", name=STREAMING).click()  # ... and only now does the user press Stop
+    wait_status(page, "complete")
+    gen = latest_generation(demo_server)
+    assert gen["status"] == "complete"
+    assert last_answer(page).locator(".text").inner_text() == gen["text"].strip()
+    assert last_answer(page).locator(".badge").inner_text() == "Complete"
+    try:
+        held[0].abort()
+    except Exception:
+        pass  # the page already dropped that request

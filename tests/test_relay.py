@@ -228,6 +228,7 @@ def test_write_failure_is_the_second_line(relay, upstream):
     (b'{"messages": [{"role": "user", "content": 5}]}', "application/json", 400, "invalid_request"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}', "application/json", 400, "invalid_request"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "application/json", 400, "invalid_request"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "id": "no spaces allowed"}', "application/json", 400, "invalid_request"),
     (b'messages=hi', "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     (b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}', "application/json", 413, "request_too_large"),
 ])
@@ -242,6 +243,14 @@ def test_bad_requests_get_a_json_error_and_no_generation(relay, body, content_ty
     error = json.loads(s.buf[:length])["error"]
     assert error["type"] == error_type and error["message"]
     assert get_json(relay.url + "/api/generations?limit=1000")["generations"] == before
+
+
+def test_a_client_may_name_its_generation_once(relay, upstream):
+    name = "gen_" + tag() + tag()
+    events = SSE(relay.port, {"id": name, **scenario(tokens=1)}).read_all()
+    assert events[0][1]["id"] == name and relay.wait_finished(name)["status"] == "complete"
+    again = SSE(relay.port, {"id": name, **scenario(tokens=1)})
+    assert again.status == 409
 
 
 def test_generation_log_api(relay, upstream):
