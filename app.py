@@ -38,7 +38,7 @@ class BadRequest(Exception):
 
 
 def parse_chat_request(body):
-    """Return (messages, max_tokens) from a /api/chat body, or raise BadRequest."""
+    """Return (messages, max_tokens, id or None) from a /api/chat body, or raise BadRequest."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     messages = body.get("messages")

@@ -38,6 +38,16 @@ def get_json(url):
         return json.load(exc)
 
 
+def poll(fetch, done, timeout):
+    """Call fetch() every 20 ms until done(result) or `timeout` seconds; return the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fetch()
+        if done(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.02)
+
+
 class Upstream:
     """The fake provider process; record(tag) tells what it saw."""
 
@@ -53,12 +63,7 @@ class Upstream:
 
     def wait_closed(self, tag, timeout=5.0):
         """Return the record once the relay has closed that request's connection."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rec = self.record(tag)
-            if rec.get("closed_at") or time.monotonic() > deadline:
-                return rec
-            time.sleep(0.02)
+        return poll(lambda: self.record(tag), lambda rec: rec.get("closed_at"), timeout)
 
     def stop(self):
         self.proc.kill()
@@ -98,12 +103,7 @@ class Server:
 
     def wait_finished(self, gen_id, timeout=5.0):
         """Return the generation's record once it is no longer streaming."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rec = self.generation(gen_id)
-            if rec.get("status") != "streaming" or time.monotonic() > deadline:
-                return rec
-            time.sleep(0.02)
+        return poll(lambda: self.generation(gen_id), lambda rec: rec.get("status") != "streaming", timeout)
 
     def output(self):
         self.log.flush()

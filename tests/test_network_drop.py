@@ -4,6 +4,7 @@ The client runs in a network namespace of its own behind a veth pair; the test t
 link down mid-stream, so the relay's packets go nowhere. Only the dead-peer timers set on
 the client socket (TCP keepalive, TCP_USER_TIMEOUT) can notice.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -65,7 +66,7 @@ def test_a_silently_vanished_client_stops_the_model_within_seconds(namespace, up
     tag = uuid.uuid4().hex[:12]
     kw = {"tokens": 100000, "interval": 0.05} if phase == "tokens flowing" else {"tokens": 10, "silence_after": 3, "silence": 120}
     client = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", CLIENT, HOST, str(server.port),
-                               __import__("json").dumps(scenario(tag=tag, **kw))],
+                               json.dumps(scenario(tag=tag, **kw))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         gen_id = client.stdout.readline().strip()

@@ -1,12 +1,14 @@
 """The relay over real gunicorn and real sockets: the event contract and each link of the cancel chain."""
 import json
+import os
 import socket
+import subprocess
 import time
 import uuid
 
 import pytest
 
-from harness import SSE, Server, get_json, open_fds, scenario, texts
+from harness import PYTHON, ROOT, SSE, Server, free_port, get_json, open_fds, scenario, texts
 
 
 def tag():
@@ -134,9 +136,9 @@ def test_client_close_while_connecting_abandons_the_connect(relay, tmp_path):
 def connections_to(port, pid):
     """Return the worker's TCP sockets whose remote port is `port`."""
     inodes = set()
-    for fd in __import__("os").listdir(f"/proc/{pid}/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = __import__("os").readlink(f"/proc/{pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
@@ -294,9 +296,6 @@ def test_200_streams_aborted_at_once_close_every_upstream_and_leak_nothing(upstr
 
 
 def test_a_bad_setting_stops_start_up_and_names_the_variable(tmp_path):
-    import subprocess
-    import os
-    from harness import PYTHON, ROOT, free_port
     env = {**os.environ, "BIND": f"127.0.0.1:{free_port()}", "KEEPALIVE_SECONDS": "soon",
            "GENERATIONS_DB": str(tmp_path / "x.db")}
     proc = subprocess.run([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
