@@ -1,4 +1,5 @@
 """Settings read from environment variables, checked once at start-up."""
+import math
 import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -40,7 +41,7 @@ def _number(env, name, default, cast=float):
         value = cast(raw)
     except ValueError:
         value = None
-    if value is None or value <= 0 or value != value or value == float("inf"):
+    if value is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {raw!r}")
     return value
 

@@ -227,7 +227,7 @@ def scenario(**kw):
 class Nginx:
     """nginx running the shipped server block, on free loopback ports, in front of `server`."""
 
-    def __init__(self, binary, tmp_path, server, read_timeout=None):
+    def __init__(self, binary, tmp_path, server, read_timeout=None, h2c=False):
         self.binary = binary
         self.dir = tmp_path / f"nginx-{free_port()}"
         self.dir.mkdir()
@@ -239,7 +239,8 @@ class Nginx:
         conf = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
         swaps = [("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};"),
                  ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
-                 ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} ssl http2;"),
+                 # h2c: the HTTP/2 port without TLS (prior knowledge), to test HTTP/2 in the clear.
+                 ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} {'' if h2c else 'ssl '}http2;"),
                  ("/etc/nginx/ssl/", f"{self.dir}/"),
                  ("/var/log/nginx/relay.access.log", str(self.access_log))]
         if read_timeout:

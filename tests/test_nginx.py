@@ -25,9 +25,9 @@ def SSE(port, body, **kw):
     return RawSSE(port, body, headers=BROWSER_HEADERS, **kw)
 
 
-def Nginx(tmp_path, server, read_timeout=None):
+def Nginx(tmp_path, server, read_timeout=None, h2c=False):
     """nginx from deploy/nginx.conf in front of `server`; fails under REQUIRE_E2E=1 without it."""
-    return harness.Nginx(require_binary("nginx"), tmp_path, server, read_timeout)
+    return harness.Nginx(require_binary("nginx"), tmp_path, server, read_timeout, h2c)
 
 
 def tag():
@@ -113,20 +113,31 @@ def test_access_log_tells_an_aborted_stream_from_a_finished_one(nginx, upstream)
     assert " 200 " in aborted and "completion= " in aborted
 
 
-def h2_connect(port):
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
-    assert sock.selected_alpn_protocol() == "h2"
+def h2_connect(port, tls):
+    sock = socket.create_connection(("127.0.0.1", port))
+    if tls:  # as browsers do: HTTP/2 chosen by ALPN in the TLS handshake
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        sock = ctx.wrap_socket(sock, server_hostname="localhost")
+        assert sock.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     return sock, conn
 
 
-def test_http2_stop_on_one_stream_cancels_only_that_generation(nginx, relay, upstream):
-    sock, conn = h2_connect(nginx.tls_port)
+@pytest.fixture(scope="module")
+def nginx_h2c(relay, tmp_path_factory):
+    proxy = Nginx(tmp_path_factory.mktemp("nginx-h2c"), relay, h2c=True)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls_alpn", "cleartext_prior_knowledge"])
+def test_http2_stop_on_one_stream_cancels_only_that_generation(request, relay, upstream, tls):
+    proxy = request.getfixturevalue("nginx" if tls else "nginx_h2c")
+    sock, conn = h2_connect(proxy.tls_port, tls)
     tags = {}
     for _ in range(3):
         stream_id = conn.get_next_available_stream_id()
