@@ -22,19 +22,21 @@ def now():
 
 
 def _execute(path, sql, args):
+    """Run one statement on its own connection; return (rows, number of rows changed)."""
     with sqlite3.connect(path, timeout=10) as conn:
         # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
         # a power cut can lose the last few log rows, never a stream.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.row_factory = sqlite3.Row
-        rows = conn.execute(sql, args).fetchall()
+        cursor = conn.execute(sql, args)
+        rows = cursor.fetchall()
     conn.close()
-    return rows
+    return rows, cursor.rowcount
 
 
 def execute(path, sql, args=()):
     """Run one statement in gevent's thread pool, so disk waits never stall the worker's loop."""
-    return gevent.get_hub().threadpool.apply(_execute, (path, sql, args))
+    return gevent.get_hub().threadpool.apply(_execute, (path, sql, args))[0]
 
 
 def init(path):
@@ -87,7 +89,4 @@ def cancel_streaming(path, reason, worker_pid=None):
     if worker_pid is not None:
         sql += " AND worker_pid = ?"
         args.append(worker_pid)
-    with sqlite3.connect(path, timeout=10) as conn:
-        count = conn.execute(sql, args).rowcount
-    conn.close()
-    return count
+    return _execute(path, sql, args)[1]  # called in gunicorn's master, outside any event loop

@@ -2,7 +2,9 @@
 
 It stops generating the moment its client (the relay) disconnects, and its meter,
 GET /demo/v1/requests/<id>, shows how many tokens it generated after that.
-Directives in the last user message provoke each case (see DIRECTIVES).
+Directives in the last user message provoke each case (the README lists them):
+/long, /words N, /rate N, /pause S (before the response), /stall S (after the fifth
+token), /fail (an error after the fifth token), /echo TEXT.
 """
 import re
 import time
@@ -15,16 +17,6 @@ import db
 from sse import Cancelled, EventStream, ServerSentEvent, wait_for_disconnect
 
 bp = Blueprint("demo", __name__, url_prefix="/demo/v1")
-
-DIRECTIVES = {
-    "/long": "a long answer (about 400 tokens)",
-    "/words N": "an answer of exactly N tokens",
-    "/rate N": "N tokens per second instead of DEMO_TOKENS_PER_SECOND",
-    "/pause S": "S seconds of silence before the response starts (a queued request)",
-    "/stall S": "S seconds of silence after the fifth token",
-    "/fail": "an error event after the fifth token",
-    "/echo TEXT": "answer with TEXT itself",
-}
 
 ANSWER = (
     "Most stop buttons only hide the text. The page stops drawing, but the server keeps "

@@ -61,19 +61,25 @@ function updateFooter(message, parts = views.get(message)) {
   if (!parts) return;
   parts.article.dataset.status = message.status;
   parts.article.setAttribute("aria-busy", String(message.status === "streaming"));
-  const m = message.meta || {};
   const label = { streaming: "Generating…", complete: "Complete", stopped: "Stopped", error: "Error" }[message.status];
-  const facts = [];
-  if (m.ttft != null) facts.push(`first token ${Math.round(m.ttft)} ms`);
-  facts.push(`${m.tokens || 0} tokens`);
-  if (m.duration != null) facts.push(`${(m.duration / 1000).toFixed(1)} s`);
-  if (m.afterStop != null) facts.push(`model made ${m.afterStop} token${m.afterStop === 1 ? "" : "s"} after Stop`);
-  const children = [el("span", "badge", label), el("span", "meta", facts.join(" · "))];
+  parts.meta = el("span", "meta", metaText(message));
+  const children = [el("span", "badge", label), parts.meta];
   if (message.status === "stopped") children.push(action("Regenerate", message));
   if (message.status === "error") children.push(action("Retry", message));
   parts.footer.replaceChildren(...children);
   parts.article.querySelector(".error-text")?.remove();
   if (message.status === "error") parts.article.insertBefore(el("div", "error-text", message.error), parts.footer);
+}
+
+/** Time to first token, tokens, duration and, after a Stop, what the model made after it. */
+function metaText(message) {
+  const m = message.meta || {};
+  const facts = [];
+  if (m.ttft != null) facts.push(`first token ${Math.round(m.ttft)} ms`);
+  facts.push(`${m.tokens || 0} tokens`);
+  if (m.duration != null) facts.push(`${(m.duration / 1000).toFixed(1)} s`);
+  if (m.afterStop != null) facts.push(`model made ${m.afterStop} token${m.afterStop === 1 ? "" : "s"} after Stop`);
+  return facts.join(" · ");
 }
 
 function action(label, message) {
@@ -155,8 +161,11 @@ async function generate() {
         message.meta.ttft ??= performance.now() - started;
         message.meta.tokens += 1;
         message.content += payload.text;
-        views.get(message)?.text.append(payload.text);
-        updateFooter(message);
+        const parts = views.get(message);
+        if (parts) {
+          parts.text.append(payload.text); // per token: only the text and the count change
+          parts.meta.textContent = metaText(message);
+        }
       } else if (event === "done") {
         settle("complete", { usage: payload.usage });
       } else if (event === "error") {

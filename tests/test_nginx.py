@@ -1,9 +1,7 @@
 """Through a real nginx started from deploy/nginx.conf: no buffering, aborts passed on, HTTP/2."""
 import json
-import os
 import socket
 import ssl
-import subprocess
 import time
 import uuid
 

@@ -1,5 +1,4 @@
 """The chat page in real headless Chromium against real gunicorn and the demo model."""
-import json
 import os
 import re
 import time

@@ -173,7 +173,7 @@ def test_silence_longer_than_the_read_timeout(provider, upstream, kw):
 def test_abrupt_close_mid_stream(provider, upstream, framing):
     events, gen = run(provider, tag=tag(), tokens=3, end="abrupt", framing=framing)
     assert texts(events) == "tok0 tok1 tok2 "
-    err = assert_error(events, gen, "upstream_disconnected" if framing == "chunked" else "upstream_ended_early")
+    assert_error(events, gen, "upstream_disconnected" if framing == "chunked" else "upstream_ended_early")
     assert gen["text"] == "tok0 tok1 tok2 "
 
 
