@@ -96,16 +96,22 @@ def generation(settings, gen_id, messages, max_tokens):
         yield ServerSentEvent("error", {"status": "error", "type": "internal_error",
                                         "message": "the relay failed; see the server log"})
     finally:
-        ended = time.monotonic()
-        # When many streams stop at once, let every one close its upstream before any of
-        # them spends time on its row and log line.
-        gevent.sleep(0)
-        db.finish_generation(settings.db_path, gen_id, ended_at=db.now(), chunks=len(pieces),
-                             text="".join(pieces), upstream_request_id=info.get("request_id"),
-                             finish_reason=info.get("finish_reason"), usage=info.get("usage"), **row)
-        log.info(json.dumps({"generation": gen_id, "status": row["status"], "reason": row["cancel_reason"],
-                             "chunks": len(pieces), "ttft_ms": _ms(started, first),
-                             "total_ms": _ms(started, ended), "error": row["error"]}))
+        # In a greenlet of its own: a Stop that lands now, after the upstream has ended,
+        # interrupts this one and must not lose the row.
+        gevent.spawn(finish, settings, gen_id, row, pieces, info, started, first).join()
+
+
+def finish(settings, gen_id, row, pieces, info, started, first):
+    """Write a generation's row and its log line, once its stream has ended."""
+    ended, ended_at = time.monotonic(), db.now()
+    # When many streams stop at once, let every one close its upstream first.
+    gevent.idle()
+    db.finish_generation(settings.db_path, gen_id, ended_at=ended_at, chunks=len(pieces), text="".join(pieces),
+                         upstream_request_id=info.get("request_id"), finish_reason=info.get("finish_reason"),
+                         usage=info.get("usage"), **row)
+    log.info(json.dumps({"generation": gen_id, "status": row["status"], "reason": row["cancel_reason"],
+                         "chunks": len(pieces), "ttft_ms": _ms(started, first),
+                         "total_ms": _ms(started, ended), "error": row["error"]}))
 
 
 def create_app(settings=None):

@@ -11,10 +11,11 @@ import time
 import uuid
 
 import gevent
+from gevent.event import AsyncResult
 from flask import Blueprint, Response, current_app, jsonify, request
 
 import db
-from sse import Cancelled, EventStream, ServerSentEvent, wait_for_disconnect
+from sse import Cancelled, EventStream, ServerSentEvent, watch_disconnect
 
 bp = Blueprint("demo", __name__, url_prefix="/demo/v1")
 
@@ -84,7 +85,8 @@ def _generate(db_path, request_id, model, plan, max_tokens, prompt_tokens, sock)
     made = []  # monotonic time of each token made
     status = "complete"
     # The meter sees the client leave on its own, apart from the stop logic it checks.
-    left = gevent.spawn(lambda: wait_for_disconnect(sock) and time.monotonic()) if sock else None
+    left = AsyncResult()
+    watcher = watch_disconnect(sock, lambda _: left.set(time.monotonic())) if sock else None
     try:
         gevent.sleep(plan["pause"])
         yield _chunk(request_id, model, {"role": "assistant", "content": ""})
@@ -106,11 +108,11 @@ def _generate(db_path, request_id, model, plan, max_tokens, prompt_tokens, sock)
     except Cancelled:
         status = "disconnected"
     finally:
-        left_at = left_iso = after = None
-        if left is not None:
-            left.join(timeout=0.1 if status == "disconnected" else 0)
-            left.kill()
-            left_at = left.value if isinstance(left.value, float) else None
+        left_iso = after = None
+        if watcher is not None:
+            left.wait(timeout=0.1 if status == "disconnected" else 0)
+            watcher.close()
+        left_at = left.value
         if left_at:
             status = "disconnected"
             after = sum(1 for t in made if t > left_at)

@@ -82,6 +82,7 @@ class EventStream:
         self._queue = Queue()
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
+        self.upstream = None  # the upstream response being read (set by iter_chunks)
         self._body = self._run()
 
     def __iter__(self):
@@ -95,14 +96,24 @@ class EventStream:
         """End the stream for `reason`; callable from any greenlet."""
         if self.reason is None and self._producer is not None and not self._producer.dead:
             self.reason = reason
-            # Cancelled lands wherever the producer waits, now, not when the writer next
-            # wakes: with many streams ending at once that is a whole loop turn sooner.
+            # The provider's FIN goes out now, before the producer has unwound: when many
+            # streams stop at once each FIN waits for no other stream's teardown.
+            # (urllib3 sets connection to None once it has pooled or closed it.)
+            connection = getattr(getattr(self.upstream, "raw", None), "connection", None)
+            if getattr(connection, "sock", None) is not None:
+                try:
+                    _os_socket(connection.sock).shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # already gone
+            # Cancelled lands wherever the producer waits, one loop turn from now, without
+            # waiting for the writer to wake; it closes the upstream as it unwinds.
             self._producer.kill(Cancelled(reason), block=False)
 
     def _run(self):
         self._producer = gevent.spawn(self._produce)
+        self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
         self._producer.link(lambda _: self._queue.put(_END))  # even if killed before it ran
-        watcher = gevent.spawn(self._watch) if self._sock is not None else None
+        watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
         _live.add(self)
         try:
             while True:
@@ -125,7 +136,7 @@ class EventStream:
         finally:
             _live.discard(self)
             if watcher is not None:
-                watcher.kill()
+                watcher.close()
             self.stop("client_disconnect")
             self._producer.join()  # the producer has closed the upstream and written its row
 
@@ -133,26 +144,45 @@ class EventStream:
         for event in self._events:
             self._queue.put(event)
 
-    def _watch(self):
-        if wait_for_disconnect(self._sock):
-            self.stop("client_disconnect")
 
+def watch_disconnect(sock, stop):
+    """Call stop("client_disconnect") from the event loop once the client socket reports EOF or an error.
 
-def wait_for_disconnect(sock):
-    """Block until the client socket reports EOF or an error (True), or can't be watched (False)."""
+    Returns the watcher, to close() when the response ends, or None for a socket that can't
+    peek (a stdlib TLS socket), which leaves the write path. A loop callback rather than a
+    greenlet per stream: when hundreds of clients leave at once, each one is seen sooner.
+    """
+    raw = _os_socket(sock)
     try:
-        _detect_dead_peer(sock)
-        while True:
-            gevent.socket.wait_read(sock.fileno())
-            try:
-                # Peek: any bytes belong to the server's next request, not to us.
-                return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue  # woken without data
+        raw.recv(0, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except ValueError:
-        return False  # a TLS socket can't peek: the write path remains
+        return None
     except OSError:
-        return True  # ECONNRESET, or ETIMEDOUT from the dead-peer timers
+        pass  # gone already: the watcher sees that at once
+    _detect_dead_peer(sock)
+    watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable, as EOF and errors are
+
+    def readable():
+        try:
+            # Peek: any bytes belong to the server's next request, not to us.
+            gone = not raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # woken without data
+        except OSError:
+            gone = True  # ECONNRESET, or ETIMEDOUT from the dead-peer timers
+        watcher.stop()  # pipelined bytes keep it readable: then only the write path is left
+        if gone:
+            stop("client_disconnect")
+
+    watcher.start(readable)
+    return watcher
+
+
+def _os_socket(sock):
+    """Return the OS socket inside a gevent socket (plain or TLS), or `sock` itself."""
+    # gevent's recv waits on EAGAIN, which a loop callback must never do; a TLS socket's
+    # own shutdown() would also drop its TLS state under the greenlet still reading it.
+    return getattr(sock, "_sock", sock)
 
 
 def _detect_dead_peer(sock):
@@ -186,10 +216,20 @@ def iter_chunks(response, ends=SSE_ENDS):
     """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end."""
     # read1 returns whatever has arrived, for chunked and close-delimited bodies alike;
     # iterating the response or SSEClient(response) reads fixed blocks and batches events.
+    stream = getattr(gevent.getcurrent(), "event_stream", None)
+    if stream is not None:
+        stream.upstream = response  # so a Stop can send the provider its FIN at once
     tail = b""
-    while chunk := response.raw.read1(65536):
-        tail = (tail + chunk)[-4:]
-        yield chunk
+    try:
+        while chunk := response.raw.read1(65536):
+            tail = (tail + chunk)[-4:]
+            yield chunk
+    except Exception:
+        if stream is not None and stream.reason:
+            raise Cancelled(stream.reason) from None  # the provider hung up on our FIN
+        raise
+    if stream is not None and stream.reason:
+        raise Cancelled(stream.reason)  # the provider ended the body on our FIN
     if tail and not tail.endswith(ends):
         # sseclient-py would hand the partial event on as if it were whole.
         raise TruncatedStream("upstream closed the connection in the middle of an event")

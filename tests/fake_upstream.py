@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import gevent
+
 DEFAULTS = {
     "tag": None,            # name to look the record up by
     "tokens": 5,            # how many text pieces
@@ -110,6 +112,9 @@ def wait(conn, seconds, rec):
                 data = b""
             if not data:
                 rec["closed_at"] = time.monotonic()
+                # When many clients close at once, stamp them all before tearing any down:
+                # otherwise the 200th stamp waits behind 199 teardowns and times the instrument.
+                gevent.idle()
                 raise ClientGone
             if left <= 0:
                 return
