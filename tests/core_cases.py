@@ -1,0 +1,73 @@
+"""Cases for the cancellation core (sse.py) inside one gevent process; run by test_core.py.
+
+    python tests/core_cases.py CASE UPSTREAM_URL TMP_DIR
+
+Each case prints one JSON line for the test to check. They run in a process of their own
+because they need gevent's monkey-patching, which pytest's process must not get.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+import requests  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sse  # noqa: E402
+from harness import scenario  # noqa: E402
+
+blocking_sleep = monkey.get_original("time", "sleep")
+
+
+def fin_while_the_loop_is_busy(url, tmp):
+    """Stop a stream waiting in a silence, then keep the loop from running anything for 0.5 s."""
+    def events():
+        body = scenario(tag="busy-loop", tokens=100, interval=0.01, silence_after=2, silence=30)
+        with requests.post(url + "/v1/chat/completions", json=body, stream=True) as resp:
+            for chunk in sse.iter_chunks(resp):
+                yield sse.ServerSentEvent("delta", chunk.decode())
+
+    stream = sse.EventStream(events(), environ={}, keepalive=5)
+    body = iter(stream)
+    next(body), next(body)  # two pieces: the producer now waits in the silence
+    gevent.sleep(0.1)
+    stopped = time.monotonic()
+    stream.stop("client_disconnect")
+    blocking_sleep(0.5)  # as if 0.5 s of other streams' teardown were queued before the kill
+    stream.close()
+    return {"stopped": stopped, "reason": stream.reason}
+
+
+def stop_while_the_row_is_written(url, tmp):
+    """Let the upstream finish, then Stop while the producer is writing the generation's row."""
+    os.environ.update(LLM_PROVIDER="openai", LLM_BASE_URL=url + "/v1", LLM_MODEL="m",
+                      GENERATIONS_DB=os.path.join(tmp, "late-stop.db"))
+    import app
+    import config
+    import db
+    settings = config.from_env()
+    db.init(settings.db_path)
+    db.start_generation(settings.db_path, "gen_late_stop", "openai", "m")
+    stream = sse.EventStream(app.generation(settings, "gen_late_stop", scenario(tokens=2)["messages"], None),
+                             environ={}, keepalive=5)
+    kinds = []
+    for item in stream:
+        kinds.append(item.split(b"\n", 1)[0].decode())
+        if item.startswith(b"event: done"):
+            break  # the producer is past its last event, finishing the row
+    stream.stop("client_disconnect")
+    stream.close()
+    deadline = time.monotonic() + 3
+    while db.get_generation(settings.db_path, "gen_late_stop")["status"] == "streaming" and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    return {"events": kinds, "row": db.get_generation(settings.db_path, "gen_late_stop")}
+
+
+if __name__ == "__main__":
+    case, url, tmp = sys.argv[1:4]
+    print(json.dumps(globals()[case](url, tmp)), flush=True)

@@ -1,0 +1,31 @@
+"""The cancellation core (sse.py) on its own, in a gevent process of its own (tests/core_cases.py)."""
+import json
+import os
+import subprocess
+
+from harness import PYTHON, ROOT
+
+
+def run_case(case, upstream, tmp_path):
+    proc = subprocess.run([PYTHON, os.path.join(ROOT, "tests", "core_cases.py"), case, upstream.url, str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_stop_sends_the_provider_its_fin_even_while_the_loop_is_busy(upstream, tmp_path):
+    """The FIN goes out inside stop(), not when the producer next runs: when hundreds of
+    streams stop at once, none waits for the others' teardown."""
+    result = run_case("fin_while_the_loop_is_busy", upstream, tmp_path)
+    record = upstream.wait_closed("busy-loop")
+    assert result["reason"] == "client_disconnect"
+    assert record["closed_at"] is not None
+    assert record["closed_at"] - result["stopped"] < 0.25  # the loop was blocked for 0.5 s after stop()
+
+
+def test_a_stop_while_the_row_is_written_loses_no_row(upstream, tmp_path):
+    """The upstream finished; a Stop then lands while the producer writes the row."""
+    result = run_case("stop_while_the_row_is_written", upstream, tmp_path)
+    assert result["events"] == ["event: start", "event: delta", "event: delta", "event: done"]
+    row = result["row"]
+    assert row["status"] == "complete" and row["text"] == "tok0 tok1 " and row["ended_at"]
