@@ -6,7 +6,8 @@ This module holds the links that live in the worker:
   client -> worker    EventStream watches the client socket from the first moment and
                       treats EOF/reset as Stop, without waiting for the next write;
                       a failed write (GeneratorExit) is the second line.
-  worker -> upstream  Stop kills the producer greenlet: Cancelled is raised wherever it is
+  worker -> upstream  Stop sends the provider its FIN at once (once the body is being read),
+                      then kills the producer greenlet: Cancelled is raised wherever it is
                       blocked (connect, waiting for headers, reading the body), and
                       requests/urllib3 close that connection instead of pooling it.
   upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
@@ -96,18 +97,26 @@ class EventStream:
         """End the stream for `reason`; callable from any greenlet."""
         if self.reason is None and self._producer is not None and not self._producer.dead:
             self.reason = reason
-            # The provider's FIN goes out now, before the producer has unwound: when many
-            # streams stop at once each FIN waits for no other stream's teardown.
-            # (urllib3 sets connection to None once it has pooled or closed it.)
+            # urllib3 sets connection to None once it has pooled or closed it.
             connection = getattr(getattr(self.upstream, "raw", None), "connection", None)
             if getattr(connection, "sock", None) is not None:
+                # The body is being read: the provider gets its FIN now. The producer's
+                # unwinding can then wait until the loop has seen every other client that
+                # left: with many leaving at once, no FIN waits for another's teardown.
                 try:
                     _os_socket(connection.sock).shutdown(socket.SHUT_WR)
                 except OSError:
                     pass  # already gone
-            # Cancelled lands wherever the producer waits, one loop turn from now, without
-            # waiting for the writer to wake; it closes the upstream as it unwinds.
-            self._producer.kill(Cancelled(reason), block=False)
+                gevent.spawn(self._kill_when_idle, reason)
+            else:
+                # Connecting or waiting for headers: Cancelled, raised where the producer
+                # waits, is what closes the connection.
+                self._producer.kill(Cancelled(reason), block=False)
+
+    def _kill_when_idle(self, reason):
+        with gevent.Timeout(0.05, False):  # a saturated loop is never idle
+            gevent.idle()
+        self._producer.kill(Cancelled(reason), block=False)
 
     def _run(self):
         self._producer = gevent.spawn(self._produce)
@@ -160,7 +169,10 @@ def watch_disconnect(sock, stop):
     except OSError:
         pass  # gone already: the watcher sees that at once
     _detect_dead_peer(sock)
-    watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable, as EOF and errors are
+    loop = gevent.get_hub().loop
+    # 1: readable, as EOF and errors are. The highest priority: in a loop turn that also
+    # wakes producers to unwind, every client that left is seen (and its FIN sent) first.
+    watcher = loop.io(sock.fileno(), 1, priority=getattr(loop, "MAXPRI", 0))
 
     def readable():
         try:
