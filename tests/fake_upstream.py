@@ -36,6 +36,7 @@ DEFAULTS = {
     "piece_size": 0,        # write each event in pieces of this many bytes (0: whole)
     "unknown_event": False, # send an event type the client must ignore
     "usage": True,
+    "deaf": False,          # never look for the client's FIN: notice a close only when a send fails
 }
 
 records = {}
@@ -101,6 +102,9 @@ class ClientGone(Exception):
 
 def wait(conn, seconds, rec):
     """Sleep, but notice at once if the client closes; record when."""
+    if rec.get("deaf"):
+        time.sleep(seconds)
+        return
     deadline = time.monotonic() + seconds
     while True:
         left = deadline - time.monotonic()
@@ -191,7 +195,7 @@ def serve(conn, path, body, headers):
     except (ValueError, KeyError, IndexError, TypeError):
         pass
     tag = s["tag"] or f"req{len(records)}"
-    rec = {"tag": tag, "format": fmt, "path": path, "request_headers": headers, "request_body": payload,
+    rec = {"tag": tag, "format": fmt, "deaf": s["deaf"], "path": path, "request_headers": headers, "request_body": payload,
            "accepted_at": time.monotonic(), "headers_sent_at": None, "closed_at": None, "pieces_sent": 0,
            "piece_times": [], "completed": False}
     with lock:

@@ -75,6 +75,14 @@ def test_client_close_mid_stream_closes_the_upstream_connection(relay, upstream,
     assert gen["ended_at"] is not None
 
 
+def test_a_provider_deaf_to_our_fin_is_still_cut_off(relay, upstream):
+    """Stop's FIN is a request; the kill that follows closes the connection whatever the provider does."""
+    gen_id, events, closed, rec = close_mid_stream(relay, upstream, tokens=500, interval=0.02, deaf=True)
+    assert rec["closed_at"] is not None and rec["closed_at"] - closed < 0.5
+    assert rec["pieces_sent"] <= 3 + 0.5 / 0.02
+    assert relay.wait_finished(gen_id)["status"] == "cancelled"
+
+
 def test_client_close_while_upstream_has_not_answered(relay, upstream):
     """Link 1: without watching the socket, nothing would notice: no write is pending."""
     t = tag()
