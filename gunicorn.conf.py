@@ -39,8 +39,16 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Stop this worker's streams with a clear error before a graceful shutdown cuts them."""
+    import gc
+
     import gevent
     import sse
+
+    # The app's own ~45,000 objects live as long as the worker: freeze them out of the
+    # collector. Its full passes pause the event loop, and every Stop with it: measured
+    # with 200 streams open, up to 130 ms before, up to 86 ms after (the streams' own
+    # objects remain; README "Benchmarks").
+    gc.freeze()
 
     def drain():
         while worker.alive:

@@ -155,7 +155,7 @@ class EventStream:
 
 
 def watch_disconnect(sock, stop):
-    """Call stop("client_disconnect") from the event loop once the client socket reports EOF or an error.
+    """Call stop("client_disconnect") from the loop once the client socket reports EOF or an error.
 
     Returns the watcher, to close() when the response ends, or None for a socket that can't
     peek (a stdlib TLS socket), which leaves the write path. A loop callback rather than a

@@ -1,6 +1,6 @@
 """Cancel propagation and relay latency on loopback, ours vs the naive Flask relay; prints tables.
 
-    .venv/bin/python bench/cancel.py [--quick]
+    .venv/bin/python bench/cancel.py [--quick] [--only one|crowd|burst|nginx|latency ...]
 
 Everything is a real process: the fake provider (tests/fake_upstream.py), gunicorn with one
 gevent worker for each relay, nginx from deploy/nginx.conf when installed, and this client
@@ -25,6 +25,7 @@ PHASES = {  # the provider's behaviour, and how long the client waits before clo
     "mid-stream silence": {"tokens": 100000, "interval": 0.02, "silence_after": 3, "silence": 30},
     "crowd": {"tokens": 100000, "interval": 0.05},  # 20 tokens/s
 }
+TABLES = ("one", "crowd", "burst", "nginx", "latency")
 NOT_NOTICED_AFTER = 2.0  # seconds; a close not seen by then is reported as not noticed
 # The provider timestamps each close itself, so the log can be read later. Reading it at
 # once would compete for the CPU with the very closes being timed: measured here, that
@@ -176,7 +177,9 @@ def print_cancel(title, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and streams, for a smoke test")
+    parser.add_argument("--only", choices=TABLES, action="append", help="print only this table (repeatable)")
     args = parser.parse_args()
+    tables = args.only or TABLES
     runs, crowd = (5, 20) if args.quick else (30, 200)
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     upstream = Upstream()
@@ -189,25 +192,33 @@ def main():
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
         targets = {"fake provider alone (the instrument)": (upstream.port, "/v1/chat/completions"),
                    **{name: (port, "/api/chat") for name, port in relays.items()}}
-        print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
-                     cancel_table(upstream, targets, runs, 0))
-        print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
-                     cancel_table(upstream, targets, runs, crowd))
-        rounds = 1 if args.quick else 3
-        print_cancel(f"Cancel propagation, {crowd} streams closed at once",
-                     burst_table(upstream, targets, crowd, rounds, "mid-stream silence")
-                     + burst_table(upstream, targets, crowd, rounds, "crowd"))
-        if nginx:
+        if "one" in tables:
+            print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
+                         cancel_table(upstream, targets, runs, 0))
+            naive.restart()  # it left streams open at the provider, which would load what follows
+        if "crowd" in tables:
+            print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
+                         cancel_table(upstream, targets, runs, crowd))
+            naive.restart()
+        if "burst" in tables:
+            rounds = 1 if args.quick else 3
+            silent = burst_table(upstream, targets, crowd, rounds, "mid-stream silence")
+            naive.restart()
+            print_cancel(f"Cancel propagation, {crowd} streams closed at once",
+                         silent + burst_table(upstream, targets, crowd, rounds, "crowd"))
+            naive.restart()
+        if "nginx" in tables and nginx:
             print_cancel("Cancel propagation through nginx (deploy/nginx.conf) vs direct to gunicorn",
                          cancel_table(upstream, {"ours via nginx": (nginx.port, "/api/chat"),
                                                  "ours direct": (ours.port, "/api/chat")}, runs, 0))
-        else:
+        elif "nginx" in tables:
             print("\n(nginx not installed: no nginx column)")
-        print("\n### Per-event latency, provider send -> client read, 200 events at 100/s\n")
-        print("| path | events | p50 ms | p99 ms | added p50 ms |")
-        print("|---|---:|---:|---:|---:|")
-        for name, n, p50, p99, added in latency_table(upstream, relays, 200 if not args.quick else 50):
-            print(f"| {name} | {n} | {p50:.2f} | {p99:.2f} | {added:.2f} |")
+        if "latency" in tables:
+            print("\n### Per-event latency, provider send -> client read, 200 events at 100/s\n")
+            print("| path | events | p50 ms | p99 ms | added p50 ms |")
+            print("|---|---:|---:|---:|---:|")
+            for name, n, p50, p99, added in latency_table(upstream, relays, 200 if not args.quick else 50):
+                print(f"| {name} | {n} | {p50:.2f} | {p99:.2f} | {added:.2f} |")
     finally:
         if nginx:
             nginx.stop()

@@ -80,10 +80,19 @@ class Server:
         self.env = {**os.environ, "BIND": f"{host}:{self.port}",
                     "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app],
-                                     cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._start()
+
+    def _start(self):
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz", proc=self.proc)
+
+    def restart(self):
+        """Stop and start again on the same port, dropping every connection it held."""
+        self.stop()
+        self.log = open(self.log_path, "a")
+        self._start()
 
     def workers(self):
         """Return the pids of gunicorn's worker processes."""
