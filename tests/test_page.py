@@ -4,6 +4,7 @@ import re
 import time
 
 import pytest
+from playwright.sync_api import expect
 
 from conftest import require_binary
 from harness import ROOT, get_json
@@ -75,7 +76,7 @@ def test_send_streams_token_by_token_and_the_button_swaps(page):
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1], lengths  # it grows while streaming
     wait_status(page, "complete")
     assert len(last_answer(page).locator(".text").inner_text().split()) == 30
-    assert page.get_by_role("button", name="Send").is_visible()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()  # when the response ends
     assert re.search(r"first token \d+ ms · 30 tokens · \d+\.\d s", last_answer(page).inner_text())
     assert page.locator("#transcript").get_attribute("aria-live") == "polite"
 
@@ -225,7 +226,8 @@ def test_layout_fits_a_phone(browser, demo_server):
     send(page, "/echo " + "averyveryverylongwordwithoutanyspaces" * 5)
     wait_status(page, "complete")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
-    assert page.get_by_role("button", name="Send").is_visible()
+    # The button swaps back when the response ends, a moment after `done` set the status.
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
     context.close()
 
 
