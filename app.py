@@ -16,7 +16,7 @@ import config
 import db
 import demo
 import providers
-from sse import Cancelled, EventStream, ServerSentEvent
+from sse import Cancelled, EventStream, ServerSentEvent, when_idle
 
 log = logging.getLogger("relay")
 
@@ -104,10 +104,7 @@ def generation(settings, gen_id, messages, max_tokens):
 def finish(settings, gen_id, row, pieces, info, started, first):
     """Write a generation's row and its log line, once its stream has ended."""
     ended, ended_at = time.monotonic(), db.now()
-    # When many streams stop at once, let every one close its upstream first; but a loop
-    # that is never idle (a saturated worker) must not hold the row back for long.
-    with gevent.Timeout(0.05, False):
-        gevent.idle()
+    when_idle()  # when many streams stop at once, every one closes its upstream first
     db.finish_generation(settings.db_path, gen_id, ended_at=ended_at, chunks=len(pieces), text="".join(pieces),
                          upstream_request_id=info.get("request_id"), finish_reason=info.get("finish_reason"),
                          usage=info.get("usage"), **row)

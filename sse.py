@@ -114,8 +114,7 @@ class EventStream:
                 self._producer.kill(Cancelled(reason), block=False)
 
     def _kill_when_idle(self, reason):
-        with gevent.Timeout(0.05, False):  # a saturated loop is never idle
-            gevent.idle()
+        when_idle()
         self._producer.kill(Cancelled(reason), block=False)
 
     def _run(self):
@@ -152,6 +151,12 @@ class EventStream:
     def _produce(self):
         for event in self._events:
             self._queue.put(event)
+
+
+def when_idle(at_most=0.05):
+    """Wait until the event loop has nothing else to do, or `at_most` seconds at the longest."""
+    with gevent.Timeout(at_most, False):  # a saturated loop is never idle
+        gevent.idle()
 
 
 def watch_disconnect(sock, stop):
