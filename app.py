@@ -4,7 +4,6 @@ import json
 import logging
 import re
 import socket
-import sqlite3
 import time
 import uuid
 
@@ -16,6 +15,7 @@ import config
 import db
 import demo
 import providers
+import stops
 from sse import Cancelled, EventStream, ServerSentEvent, when_idle
 
 log = logging.getLogger("relay")
@@ -38,7 +38,7 @@ class BadRequest(Exception):
 
 
 def parse_chat_request(body):
-    """Return (messages, max_tokens, id or None) from a /api/chat body, or raise BadRequest."""
+    """Return (messages, max_tokens, id or None, lease_seconds or None) from a /api/chat body, or raise BadRequest."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     messages = body.get("messages")
@@ -57,7 +57,10 @@ def parse_chat_request(body):
     gen_id = body.get("id")
     if gen_id is not None and (not isinstance(gen_id, str) or not ID_PATTERN.fullmatch(gen_id)):
         raise BadRequest("id must be 8 to 64 letters, digits, '_' or '-'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, gen_id
+    lease = body.get("lease_seconds")
+    if lease is not None and (type(lease) not in (int, float) or not 1 <= lease <= 3600):
+        raise BadRequest("lease_seconds must be a number from 1 to 3600")
+    return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, gen_id, lease
 
 
 def error_response(status, type, message):
@@ -69,48 +72,78 @@ def _ms(start, end):
     return None if start is None or end is None else round((end - start) * 1000, 1)
 
 
-def generation(settings, gen_id, messages, max_tokens):
-    """Yield one generation's events, and finish its row in the log whatever ends it."""
+def generation(settings, gen_id, messages, max_tokens, stopped=""):
+    """Yield one generation's events, and finish its row in the log (before the last event) whatever ends it."""
     started, first = time.monotonic(), None
     pieces, info = [], {}
     row = {"status": "complete", "cancel_reason": None, "error": None}
+    final = None
     yield ServerSentEvent("start", {"id": gen_id, "model": settings.model})
     try:
+        if stopped:
+            raise Cancelled(stopped)  # a stop came before its chat: the provider is never asked
         for text in providers.stream(settings, messages, max_tokens, info):
             if first is None:
                 first, row["first_token_at"] = time.monotonic(), db.now()
             pieces.append(text)
             yield ServerSentEvent("delta", {"text": text})
-        yield ServerSentEvent("done", {"status": "complete", "finish_reason": info.get("finish_reason"),
-                                       "usage": info.get("usage")})
+        final = ServerSentEvent("done", {"status": "complete", "finish_reason": info.get("finish_reason"),
+                                         "usage": info.get("usage")})
     except Cancelled as stop:
         row.update(status="cancelled", cancel_reason=stop.reason)
-        if stop.reason == "server_shutdown":
-            yield ServerSentEvent("error", SHUTDOWN_ERROR)
     except providers.UpstreamError as exc:
         row.update(status="error", error=f"{exc.type}: {exc.message}")
-        yield ServerSentEvent("error", exc.event_data())
+        final = ServerSentEvent("error", exc.event_data())
     except Exception:
         log.exception("generation %s failed", gen_id)
         row.update(status="error", error="internal_error")
-        yield ServerSentEvent("error", {"status": "error", "type": "internal_error",
-                                        "message": "the relay failed; see the server log"})
+        final = ServerSentEvent("error", {"status": "error", "type": "internal_error",
+                                          "message": "the relay failed; see the server log"})
     finally:
-        # In a greenlet of its own: a Stop that lands now, after the upstream has ended,
+        stops.untrack(gen_id)
+        # Before the last event, so a client that has read it finds the same outcome in the
+        # log from any worker or machine. In a greenlet of its own: a Stop that lands now
         # interrupts this one and must not lose the row.
-        gevent.spawn(finish, settings, gen_id, row, pieces, info, started, first).join()
+        status, reason = gevent.spawn(finish, settings, gen_id, row, pieces, info, started, first).get()
+    if status == "cancelled" and reason in ("stop_request", "lease_expired"):
+        # The stop request may have settled the outcome before the provider finished: it stands.
+        final = ServerSentEvent("cancelled", {"status": "cancelled", "cancel_reason": reason})
+    elif reason == "server_shutdown":
+        final = ServerSentEvent("error", SHUTDOWN_ERROR)
+    if final is not None:
+        yield final
 
 
 def finish(settings, gen_id, row, pieces, info, started, first):
-    """Write a generation's row and its log line, once its stream has ended."""
+    """Write a generation's row and its log line once its stream has ended; return the outcome the log keeps."""
     ended, ended_at = time.monotonic(), db.now()
-    when_idle()  # when many streams stop at once, every one closes its upstream first
-    db.finish_generation(settings.db_path, gen_id, ended_at=ended_at, chunks=len(pieces), text="".join(pieces),
-                         upstream_request_id=info.get("request_id"), finish_reason=info.get("finish_reason"),
-                         usage=info.get("usage"), **row)
-    log.info(json.dumps({"generation": gen_id, "status": row["status"], "reason": row["cancel_reason"],
+    if row["cancel_reason"] == "client_disconnect":
+        when_idle()  # nobody waits for this row: when many streams stop at once, every one closes its upstream first
+    fields = dict(ended_at=ended_at, chunks=len(pieces), text="".join(pieces), upstream_request_id=info.get("request_id"),
+                  finish_reason=info.get("finish_reason"), usage=info.get("usage"), **row)
+    try:
+        status, reason = db.finish_generation(settings.database_url, gen_id, **dict(fields))
+    except db.Unavailable as exc:
+        log.warning("generation %s: its final row could not be written (%s); retrying until the store is back", gen_id, exc)
+        gevent.spawn(_write_row_later, settings.database_url, gen_id, fields)
+        status, reason = row["status"], row["cancel_reason"]
+    log.info(json.dumps({"generation": gen_id, "status": status, "reason": reason,
                          "chunks": len(pieces), "ttft_ms": _ms(started, first),
                          "total_ms": _ms(started, ended), "error": row["error"]}))
+    return status, reason
+
+
+def _write_row_later(url, gen_id, fields, attempts=600):
+    """Retry a final row every second while the store is down; say so loudly if it never comes back."""
+    for _ in range(attempts):
+        gevent.sleep(1)
+        try:
+            db.finish_generation(url, gen_id, **dict(fields))
+            log.warning("generation %s: final row written after the store came back", gen_id)
+            return
+        except db.Unavailable:
+            pass
+    log.error("generation %s: FINAL ROW LOST, the store was unavailable for %d s: %s", gen_id, attempts, json.dumps(fields))
 
 
 def create_app(settings=None):
@@ -124,8 +157,9 @@ def create_app(settings=None):
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    db.init(settings.db_path)
+    db.init(settings.database_url)
     demo.init_app(app)
+    stops.init_app(app)
 
     @app.after_request
     def security_headers(response):
@@ -134,6 +168,11 @@ def create_app(settings=None):
         response.headers.setdefault("Content-Security-Policy", CSP)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
+
+    @app.errorhandler(db.Unavailable)
+    def store_unavailable(exc):
+        log.error("the store is unavailable: %s", exc)
+        return error_response(503, "log_unavailable", "the generation log is unavailable; retry shortly")
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -157,7 +196,7 @@ def create_app(settings=None):
         if not request.is_json:
             return error_response(415, "unsupported_media_type", "send the body as application/json")
         try:
-            messages, max_tokens, gen_id = parse_chat_request(request.get_json(silent=True))
+            messages, max_tokens, gen_id, lease = parse_chat_request(request.get_json(silent=True))
         except BadRequest as exc:
             return error_response(400, "invalid_request", str(exc))
         run = settings
@@ -165,11 +204,18 @@ def create_app(settings=None):
             run = dataclasses.replace(settings, base_url=_own_url(request.environ) + "/demo/v1")
         gen_id = gen_id or "gen_" + uuid.uuid4().hex
         try:
-            db.start_generation(settings.db_path, gen_id, settings.provider, settings.model)
-        except sqlite3.IntegrityError:
+            stopped = db.start_generation(settings.database_url, gen_id, settings.provider, settings.model,
+                                          settings.instance_id, lease)
+        except db.Unavailable as exc:
+            # Never a stream that could be neither logged nor stopped.
+            log.error("chat refused: the store is unavailable: %s", exc)
+            return error_response(503, "log_unavailable",
+                                  "the generation log is unavailable, so the answer could not be logged or stopped; retry shortly")
+        if stopped is None:
             return error_response(409, "conflict", f"a generation with id {gen_id} exists already")
-        events = generation(run, gen_id, messages, max_tokens)
-        return Response(EventStream(events, request.environ, settings.keepalive),
+        stream = EventStream(generation(run, gen_id, messages, max_tokens, stopped), request.environ, settings.keepalive)
+        stops.track(settings, gen_id, stream)
+        return Response(stream,
                         mimetype="text/event-stream",
                         # X-Accel-Buffering: nginx must pass each event on at once.
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -179,11 +225,11 @@ def create_app(settings=None):
         limit = request.args.get("limit", "20")
         if not limit.isdigit() or not 1 <= int(limit) <= 1000:
             return error_response(400, "invalid_request", "limit must be an integer from 1 to 1000")
-        return jsonify(generations=db.list_generations(settings.db_path, int(limit)))
+        return jsonify(generations=db.list_generations(settings.database_url, int(limit)))
 
     @app.get("/api/generations/<gen_id>")
     def generation_record(gen_id):
-        record = db.get_generation(settings.db_path, gen_id)
+        record = db.get_generation(settings.database_url, gen_id)
         if record is None:
             return error_response(404, "not_found", f"no generation {gen_id}")
         return jsonify(record)

@@ -1,6 +1,7 @@
 """Settings read from environment variables, checked once at start-up."""
 import math
 import os
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -28,7 +29,8 @@ class Settings:
     keepalive: float = 15.0
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
-    db_path: str = "data/generations.db"
+    database_url: str = "sqlite:///data/generations.db"
+    instance_id: str = "local"
     demo_tokens_per_second: float = 20.0
     max_request_bytes: int = 1_000_000
 
@@ -60,6 +62,11 @@ def from_env(env=os.environ):
     api_key = env.get("LLM_API_KEY", "").strip()
     if provider == "anthropic" and not api_key:
         raise ConfigError("LLM_API_KEY must be set when LLM_PROVIDER=anthropic")
+    database_url = env.get("DATABASE_URL", "").strip()
+    if not database_url:
+        database_url = "sqlite:///" + (env.get("GENERATIONS_DB", "").strip() or "data/generations.db")
+    elif not database_url.startswith(("sqlite:///", "postgres://", "postgresql://")):
+        raise ConfigError(f"DATABASE_URL must start with sqlite:///, postgresql:// or postgres://, got {database_url.split(':', 1)[0]!r}")
     return Settings(
         provider=provider,
         base_url=base_url,
@@ -68,7 +75,8 @@ def from_env(env=os.environ):
         keepalive=_number(env, "KEEPALIVE_SECONDS", 15.0),
         connect_timeout=_number(env, "UPSTREAM_CONNECT_TIMEOUT", 10.0),
         read_timeout=_number(env, "UPSTREAM_READ_TIMEOUT", 300.0),
-        db_path=env.get("GENERATIONS_DB", "").strip() or "data/generations.db",
+        database_url=database_url,
+        instance_id=env.get("INSTANCE_ID", "").strip() or socket.gethostname(),
         demo_tokens_per_second=_number(env, "DEMO_TOKENS_PER_SECOND", 20.0),
         max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 1_000_000, int),
     )

@@ -1,14 +1,30 @@
-"""The shared store: the generation log and the demo meter, in SQLite."""
+"""The shared store: the generation log, stops, leases and the demo meter.
+
+One interface over two engines, chosen by the URL: `sqlite:///path` (the embedded default,
+one machine) or `postgresql://...` (several machines). Callers write SQL with `?`
+placeholders and `{now}` for the store's own clock in epoch seconds, so every machine
+reads leases and stops on one clock.
+"""
 import json
 import os
 import sqlite3
+import threading
 import time
 from datetime import datetime, timezone
 
-import gevent
-
 FIELDS = ("id", "status", "cancel_reason", "provider", "model", "started_at", "first_token_at",
-          "ended_at", "chunks", "text", "error", "upstream_request_id", "finish_reason", "usage")
+          "ended_at", "chunks", "text", "error", "upstream_request_id", "finish_reason", "usage",
+          "instance_id", "worker_pid", "lease_seconds", "lease_expires_at")
+# Columns added after the first release: an existing SQLite log gets them at start-up.
+ADDED_COLUMNS = (("instance_id", "TEXT NOT NULL DEFAULT ''"), ("lease_seconds", "DOUBLE PRECISION"),
+                 ("lease_expires", "DOUBLE PRECISION"))
+# A stop for an id whose chat has not come (yet) is kept this long, then forgotten.
+STOP_MEMORY_SECONDS = 600
+NOTIFY_CHANNEL = "relay_stop"
+
+
+class Unavailable(Exception):
+    """The store could not be reached or could not run a statement."""
 
 
 def iso(timestamp):
@@ -21,72 +37,254 @@ def now():
     return iso(time.time())
 
 
-def _execute(path, sql, args):
-    """Run one statement on its own connection; return (rows, number of rows changed)."""
-    with sqlite3.connect(path, timeout=10) as conn:
-        # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
-        # a power cut can lose the last few log rows, never a stream.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.row_factory = sqlite3.Row
-        cursor = conn.execute(sql, args)
-        rows = cursor.fetchall()
-    conn.close()
+def is_postgres(url):
+    """Tell whether a store URL names Postgres."""
+    return url.startswith(("postgres://", "postgresql://"))
+
+
+def _sqlite_path(url):
+    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+
+
+def _sqlite_run(path, sql, args):
+    """Run one statement on its own SQLite connection; return (rows, rows changed)."""
+    try:
+        with sqlite3.connect(path, timeout=10) as conn:
+            # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
+            # a power cut can lose the last few log rows, never a stream.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
+            cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
+            rows = [dict(row) for row in cursor.fetchall()]
+        conn.close()
+    except sqlite3.Error as exc:
+        raise Unavailable(f"sqlite: {exc}") from exc
     return rows, cursor.rowcount
 
 
-def execute(path, sql, args=()):
-    """Run one statement in gevent's thread pool, so disk waits never stall the worker's loop."""
-    return gevent.get_hub().threadpool.apply(_execute, (path, sql, args))[0]
+def _psycopg():
+    """Import psycopg, cooperative under gevent even if the master imported it before patching."""
+    import psycopg
+    from psycopg import waiting
+
+    # psycopg picks its wait function at import; the C one blocks a gevent worker's loop.
+    # https://github.com/psycopg/psycopg/pull/663 (3.1.14): detected only if patched first.
+    if waiting._is_select_patched() and waiting.wait is getattr(waiting, "wait_c", None):
+        waiting.wait = waiting.wait_poll
+    return psycopg
 
 
-def init(path):
-    """Create the database and its tables if missing; called once at start-up."""
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(url):
+    """Return this process's connection pool for a Postgres URL, made on first use after fork."""
+    key = (url, os.getpid())
+    with _pools_lock:
+        if key not in _pools:
+            _psycopg()
+            from psycopg.rows import dict_row
+            from psycopg_pool import ConnectionPool
+
+            # timeout: a chat waits at most this long for the store before its 503.
+            _pools[key] = ConnectionPool(url, min_size=1, max_size=20, timeout=3, open=True,
+                                         kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3},
+                                         check=ConnectionPool.check_connection, name="relay")
+        return _pools[key]
+
+
+def _pg_sql(sql):
+    return sql.replace("?", "%s").replace("{now}", "extract(epoch from clock_timestamp())::float8")
+
+
+def _pg_run(url, sql, args, pooled=True):
+    """Run one statement on Postgres (pooled in workers, direct in gunicorn's master)."""
+    psycopg = _psycopg()
+    from psycopg_pool import PoolTimeout
+    try:
+        if pooled:
+            with _pool(url).connection() as conn:
+                cursor = conn.execute(_pg_sql(sql), args)
+                return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+        from psycopg.rows import dict_row
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5) as conn:
+            cursor = conn.execute(_pg_sql(sql), args)
+            return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise Unavailable(f"postgres: {str(exc).strip()}") from exc
+
+
+def _gevent_loop_running():
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
+
+
+def run(url, sql, args=(), pooled=True):
+    """Run one statement; return (rows as dicts, number of rows changed)."""
+    if is_postgres(url):
+        return _pg_run(url, sql, args, pooled)
+    if pooled and _gevent_loop_running():
+        import gevent
+
+        # sqlite3 blocks its thread: in gevent's thread pool disk waits never stall the loop.
+        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), sql, args))
+    return _sqlite_run(_sqlite_path(url), sql, args)
+
+
+def execute(url, sql, args=()):
+    """Run one statement and return its rows as dicts."""
+    return run(url, sql, args)[0]
+
+
+def init(url):
+    """Create the tables if missing (and add newer columns); called once per process at start-up."""
+    with open(os.path.join(os.path.dirname(__file__), "schema.sql")) as f:
+        statements = [s for s in f.read().split(";") if s.strip()]
+    if is_postgres(url):
+        psycopg = _psycopg()
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                # Machines starting together must not race on CREATE TABLE.
+                conn.execute("SELECT pg_advisory_lock(7243901)")
+                for statement in statements:
+                    conn.execute(statement)
+                for name, kind in ADDED_COLUMNS:
+                    conn.execute(f"ALTER TABLE generations ADD COLUMN IF NOT EXISTS {name} {kind}")
+                conn.execute("SELECT pg_advisory_unlock(7243901)")
+        except psycopg.Error as exc:
+            raise Unavailable(f"postgres: {str(exc).strip()}") from exc
+        return
+    path = _sqlite_path(url)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with sqlite3.connect(path) as conn:
         # WAL lets the page read the log while workers write it.
         conn.execute("PRAGMA journal_mode=WAL")
-        with open(os.path.join(os.path.dirname(__file__), "schema.sql")) as f:
-            conn.executescript(f.read())
+        conn.execute(statements[0])
+        have = {row[1] for row in conn.execute("PRAGMA table_info(generations)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE generations ADD COLUMN {name} {kind}")
+        for statement in statements[1:]:
+            conn.execute(statement)
     conn.close()
 
 
-def start_generation(path, gen_id, provider, model):
-    """Record a generation as streaming, before the upstream is contacted."""
-    execute(path, "INSERT INTO generations (id, status, provider, model, started_at, worker_pid)"
-                  " VALUES (?, 'streaming', ?, ?, ?, ?)", (gen_id, provider, model, now(), os.getpid()))
+def start_generation(url, gen_id, provider, model, instance_id, lease_seconds=None):
+    """Record a generation as streaming; return None if the id is taken, else the stop already asked for it (or None)."""
+    rows = execute(url, "INSERT INTO generations (id, status, provider, model, started_at, worker_pid, instance_id,"
+                        " lease_seconds, lease_expires) VALUES (?, 'streaming', ?, ?, ?, ?, ?, ?, {now} + ?)"
+                        " ON CONFLICT (id) DO NOTHING RETURNING id",
+                   (gen_id, provider, model, now(), os.getpid(), instance_id, lease_seconds, lease_seconds))
+    if not rows:
+        return None
+    # Written before read, as request_stop() does the other way round: one of the two sees the other.
+    stops = execute(url, "SELECT reason FROM stops WHERE id = ?", (gen_id,))
+    if stops:
+        cancel(url, gen_id, stops[0]["reason"])
+        return stops[0]["reason"]
+    return ""
 
 
-def finish_generation(path, gen_id, **fields):
-    """Write a generation's outcome, once, when its stream ends however it ends."""
+def cancel(url, gen_id, reason):
+    """Mark a streaming generation cancelled for `reason`; return whether this call did it."""
+    return run(url, "UPDATE generations SET status = 'cancelled', cancel_reason = ?, ended_at = ?"
+                    " WHERE id = ? AND status = 'streaming'", (reason, now(), gen_id))[1] > 0
+
+
+def finish_generation(url, gen_id, **fields):
+    """Write a generation's outcome when its stream ends; return the (status, cancel_reason) the log keeps.
+
+    A stop request may have settled the status first: then its outcome stands and only the
+    text and figures are added, so every reader agrees with what any client was told.
+    """
     if fields.get("usage") is not None:
         fields["usage"] = json.dumps(fields["usage"])
-    columns = ", ".join(f"{name} = ?" for name in fields)
-    execute(path, f"UPDATE generations SET {columns} WHERE id = ?", (*fields.values(), gen_id))
+    status, reason, ended_at = fields.pop("status"), fields.pop("cancel_reason"), fields.pop("ended_at")
+    columns = "".join(f", {name} = ?" for name in fields)
+    rows = execute(url, "UPDATE generations SET"
+                        " cancel_reason = CASE WHEN status = 'streaming' THEN ? ELSE cancel_reason END,"
+                        " status = CASE WHEN status = 'streaming' THEN ? ELSE status END,"
+                        f" ended_at = COALESCE(ended_at, ?){columns} WHERE id = ? RETURNING status, cancel_reason",
+                   (reason, status, ended_at, *fields.values(), gen_id))
+    return (rows[0]["status"], rows[0]["cancel_reason"]) if rows else (status, reason)
 
 
 def _record(row):
-    record = {name: row[name] for name in FIELDS}
+    record = {name: row.get(name) for name in FIELDS}
     record["usage"] = json.loads(record["usage"]) if record["usage"] else None
+    record["lease_expires_at"] = iso(row["lease_expires"]) if row.get("lease_expires") and row["status"] == "streaming" else None
     return record
 
 
-def get_generation(path, gen_id):
+def get_generation(url, gen_id):
     """Return one generation as a dict, or None."""
-    rows = execute(path, "SELECT * FROM generations WHERE id = ?", (gen_id,))
+    rows = execute(url, "SELECT * FROM generations WHERE id = ?", (gen_id,))
     return _record(rows[0]) if rows else None
 
 
-def list_generations(path, limit):
+def list_generations(url, limit):
     """Return the newest `limit` generations, newest first."""
-    rows = execute(path, "SELECT * FROM generations ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,))
+    rows = execute(url, "SELECT * FROM generations ORDER BY started_at DESC, id DESC LIMIT ?", (limit,))
     return [_record(row) for row in rows]
 
 
-def cancel_streaming(path, reason, worker_pid=None):
-    """Mark rows still `streaming` (of one worker, or all) as cancelled; return how many."""
-    sql = "UPDATE generations SET status = 'cancelled', cancel_reason = ?, ended_at = ? WHERE status = 'streaming'"
-    args = [reason, now()]
+def request_stop(url, gen_id, reason="stop_request"):
+    """Record a stop durably, settle the generation's status, and signal its owner; return its record or None."""
+    # The stop is kept even for an id not seen yet: its chat may still be on the way.
+    execute(url, "DELETE FROM stops WHERE requested_at < {now} - ?", (STOP_MEMORY_SECONDS,))
+    execute(url, "INSERT INTO stops (id, reason, requested_at) VALUES (?, ?, {now}) ON CONFLICT (id) DO NOTHING",
+            (gen_id, reason))
+    cancel(url, gen_id, reason)
+    if is_postgres(url):
+        # Lost if the owner's listener is down; the owner's own re-check covers that.
+        execute(url, "SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, gen_id))
+    return get_generation(url, gen_id)
+
+
+def renew_lease(url, gen_id):
+    """Push a streaming generation's lease forward by its own length; return its record or None."""
+    execute(url, "UPDATE generations SET lease_expires = {now} + lease_seconds"
+                 " WHERE id = ? AND status = 'streaming' AND lease_seconds IS NOT NULL", (gen_id,))
+    return get_generation(url, gen_id)
+
+
+def stops_since(url, since):
+    """Return (ids and reasons of stops recorded after `since`, the store's time now)."""
+    rows = execute(url, "SELECT id, reason, {now} AS clock FROM stops WHERE requested_at > ?"
+                        " UNION ALL SELECT NULL, NULL, {now}", (since,))
+    return [(r["id"], r["reason"]) for r in rows if r["id"] is not None], rows[-1]["clock"]
+
+
+def expired_leases(url, instance_id, worker_pid):
+    """Return the ids of one worker's streaming generations whose lease ran out."""
+    rows = execute(url, "SELECT id FROM generations WHERE status = 'streaming' AND instance_id = ?"
+                        " AND worker_pid = ? AND lease_expires < {now}", (instance_id, worker_pid))
+    return [row["id"] for row in rows]
+
+
+def listen(url, on_id, running):
+    """Call on_id(id) for every stop signalled to this store, while running(); Postgres only."""
+    psycopg = _psycopg()
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        while running():
+            for notify in conn.notifies(timeout=1.0):
+                on_id(notify.payload)
+
+
+def cancel_streaming(url, reason, instance_id, worker_pid=None):
+    """Mark one instance's rows still `streaming` (of one worker, or all) as cancelled; return how many.
+
+    Called in gunicorn's master, outside any event loop; never touches another instance's rows.
+    """
+    sql = ("UPDATE generations SET status = 'cancelled', cancel_reason = ?, ended_at = ?"
+           " WHERE status = 'streaming' AND instance_id = ?")
+    args = [reason, now(), instance_id]
     if worker_pid is not None:
         sql += " AND worker_pid = ?"
         args.append(worker_pid)
-    return _execute(path, sql, args)[1]  # called in gunicorn's master, outside any event loop
+    return run(url, sql, args, pooled=False)[1]

@@ -79,7 +79,7 @@ def _chunk(request_id, model, delta=None, finish_reason=None, usage=None):
     return ServerSentEvent(data=chunk)
 
 
-def _generate(db_path, request_id, model, plan, max_tokens, prompt_tokens, sock):
+def _generate(store, request_id, model, plan, max_tokens, prompt_tokens, sock):
     """Yield the completion's chunks at the planned pace; meter what happened when it ends."""
     tokens = plan["tokens"][:max_tokens] if max_tokens else plan["tokens"]
     made = []  # monotonic time of each token made
@@ -117,7 +117,7 @@ def _generate(db_path, request_id, model, plan, max_tokens, prompt_tokens, sock)
             status = "disconnected"
             after = sum(1 for t in made if t > left_at)
             left_iso = db.iso(time.time() - (time.monotonic() - left_at))
-        db.execute(db_path, "UPDATE demo_requests SET status = ?, ended_at = ?, tokens_generated = ?,"
+        db.execute(store, "UPDATE demo_requests SET status = ?, ended_at = ?, tokens_generated = ?,"
                             " client_disconnected_at = ?, tokens_after_disconnect = ? WHERE id = ?",
                    (status, db.now(), len(made), left_iso, after, request_id))
 
@@ -132,10 +132,10 @@ def chat_completions():
     request_id = "demo-" + uuid.uuid4().hex
     plan = _plan(body["messages"], settings.demo_tokens_per_second)
     prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) for m in body["messages"])
-    db.execute(settings.db_path, "INSERT INTO demo_requests (id, status, started_at) VALUES (?, 'generating', ?)",
+    db.execute(settings.database_url, "INSERT INTO demo_requests (id, status, started_at) VALUES (?, 'generating', ?)",
                (request_id, db.now()))
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    events = _generate(settings.db_path, request_id, body.get("model") or "demo", plan,
+    events = _generate(settings.database_url, request_id, body.get("model") or "demo", plan,
                        body.get("max_tokens"), prompt_tokens, sock)
     # keepalive=None: a real provider's silence is silent, so the relay's own keepalive shows.
     return Response(EventStream(events, request.environ, keepalive=None), mimetype="text/event-stream",
@@ -145,7 +145,7 @@ def chat_completions():
 @bp.get("/requests/<request_id>")
 def request_meter(request_id):
     """Report what the demo model did for one request."""
-    rows = db.execute(current_app.config["SETTINGS"].db_path,
+    rows = db.execute(current_app.config["SETTINGS"].database_url,
                       "SELECT * FROM demo_requests WHERE id = ?", (request_id,))
     if not rows:
         return jsonify(error={"type": "not_found", "message": f"no demo request {request_id}"}), 404

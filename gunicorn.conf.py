@@ -31,8 +31,12 @@ def on_starting(server):
         settings = settings_module.from_env()
     except settings_module.ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
-    db.init(settings.db_path)
-    count = db.cancel_streaming(settings.db_path, "server_restart")
+    try:
+        db.init(settings.database_url)
+        # Only this instance's rows: another machine's live streams are not ours to close.
+        count = db.cancel_streaming(settings.database_url, "server_restart", settings.instance_id)
+    except db.Unavailable as exc:
+        sys.exit(f"the store is unavailable at start-up: {exc}")
     if count:
         server.log.warning("marked %d generation(s) left streaming as cancelled/server_restart", count)
 
@@ -71,6 +75,11 @@ def worker_int(worker):
 
 def child_exit(server, worker):
     """A worker that died (or was killed) leaves no row streaming."""
-    count = db.cancel_streaming(settings_module.from_env().db_path, "server_restart", worker_pid=worker.pid)
+    settings = settings_module.from_env()
+    try:
+        count = db.cancel_streaming(settings.database_url, "server_restart", settings.instance_id, worker_pid=worker.pid)
+    except db.Unavailable as exc:
+        server.log.error("worker %s died; its rows could not be closed: %s", worker.pid, exc)
+        return
     if count:
         server.log.warning("worker %s left %d generation(s) streaming; marked cancelled/server_restart", worker.pid, count)

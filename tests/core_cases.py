@@ -51,8 +51,8 @@ def stop_while_the_row_is_written(url, tmp):
     import config
     import db
     settings = config.from_env()
-    db.init(settings.db_path)
-    db.start_generation(settings.db_path, "gen_late_stop", "openai", "m")
+    db.init(settings.database_url)
+    db.start_generation(settings.database_url, "gen_late_stop", "openai", "m", "test")
     stream = sse.EventStream(app.generation(settings, "gen_late_stop", scenario(tokens=2)["messages"], None),
                              environ={}, keepalive=5)
     kinds = []
@@ -63,9 +63,9 @@ def stop_while_the_row_is_written(url, tmp):
     stream.stop("client_disconnect")
     stream.close()
     deadline = time.monotonic() + 3
-    while db.get_generation(settings.db_path, "gen_late_stop")["status"] == "streaming" and time.monotonic() < deadline:
+    while db.get_generation(settings.database_url, "gen_late_stop")["status"] == "streaming" and time.monotonic() < deadline:
         gevent.sleep(0.05)
-    return {"events": kinds, "row": db.get_generation(settings.db_path, "gen_late_stop")}
+    return {"events": kinds, "row": db.get_generation(settings.database_url, "gen_late_stop")}
 
 
 if __name__ == "__main__":
