@@ -5,6 +5,7 @@ one machine) or `postgresql://...` (several machines). Callers write SQL with `?
 placeholders and `{now}` for the store's own clock in epoch seconds, so every machine
 reads leases and stops on one clock.
 """
+import atexit
 import json
 import os
 import sqlite3
@@ -91,11 +92,13 @@ def _pool(url):
             _pools[key] = ConnectionPool(url, min_size=1, max_size=20, timeout=3, open=True,
                                          kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3},
                                          check=ConnectionPool.check_connection, name="relay")
+            # Closed while the interpreter still stands; its __del__ at exit would fail loudly.
+            atexit.register(_pools[key].close, timeout=1)
         return _pools[key]
 
 
 def _pg_sql(sql):
-    return sql.replace("?", "%s").replace("{now}", "extract(epoch from clock_timestamp())::float8")
+    return sql.replace("%", "%%").replace("?", "%s").replace("{now}", "extract(epoch from clock_timestamp())::float8")
 
 
 def _pg_run(url, sql, args, pooled=True):

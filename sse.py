@@ -115,7 +115,10 @@ class EventStream:
 
     def _kill_when_idle(self, reason):
         when_idle()
-        self._producer.kill(Cancelled(reason), block=False)
+        # Unless the producer has let go of the provider already (it took the provider's
+        # reply to our FIN as the Stop): a kill now would only cut its last events short.
+        if getattr(getattr(self.upstream, "raw", None), "connection", None) is not None:
+            self._producer.kill(Cancelled(reason), block=False)
 
     def _run(self):
         self._producer = gevent.spawn(self._produce)

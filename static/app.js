@@ -1,6 +1,14 @@
-// The chat page. Stop aborts the request's own AbortController; the relay sees the
-// connection close and stops the model. Model output only ever goes into textContent.
+// The chat page. Stop aborts the request's own AbortController, so the relay sees the
+// connection close, and also asks the server to stop that generation, for proxies that do
+// not pass an abort on. A lease, renewed while the answer streams, stops the model when
+// the page vanishes without a word. Model output only ever goes into textContent.
 import { readEvents } from "./sse.js";
+
+// Chrome runs the timers of a tab hidden for 5+ minutes at most once a minute ("intensive
+// throttling"), so a renewal every 15 s may come up to ~75 s apart: the lease outlasts that.
+// A page that vanishes without a FIN or a goodbye stops the model within LEASE_SECONDS.
+const LEASE_SECONDS = 90;
+const RENEW_MS = 15000;
 
 const STORE = "relay-chat";
 const transcript = document.querySelector("#transcript");
@@ -115,7 +123,26 @@ function regenerate(message) {
 }
 
 function stop() {
-  if (current) current.controller.abort();
+  if (!current) return;
+  current.controller.abort();
+  sendStop(current);
+}
+
+/** Ask the server to stop a generation, whatever the proxies in between do with the abort. */
+function sendStop(turn) {
+  if (turn.settled || turn.stopSent) return;
+  turn.stopSent = true;
+  // keepalive: the request outlives the page, e.g. when Stop is the last thing before leaving.
+  fetch(`/api/generations/${encodeURIComponent(turn.message.meta.id)}/stop`, { method: "POST", keepalive: true })
+    .catch(() => {});
+}
+
+/** Push the turn's lease forward; called on a timer and as events arrive. */
+function renew(turn) {
+  if (turn.settled || performance.now() - turn.renewed < RENEW_MS / 2) return;
+  turn.renewed = performance.now();
+  fetch(`/api/generations/${encodeURIComponent(turn.message.meta.id)}/lease`, { method: "POST", keepalive: true })
+    .catch(() => {});
 }
 
 /** Stream one answer into a new assistant message, and settle how it ended. */
@@ -127,18 +154,20 @@ function newId() {
 
 async function generate() {
   const id = newId();
-  const body = JSON.stringify({ id, messages: history() });
+  const body = JSON.stringify({ id, messages: history(), lease_seconds: LEASE_SECONDS });
   const message = { role: "assistant", content: "", status: "streaming", meta: { id, tokens: 0 } };
   messages.push(message);
   save();
   render();
-  const turn = { controller: new AbortController(), message, settled: false };
+  const turn = { controller: new AbortController(), message, settled: false, renewed: performance.now() };
   current = turn;
   setBusy(true);
   const started = performance.now();
+  const renewer = setInterval(() => renew(turn), RENEW_MS);
   const settle = (status, extra) => {
     if (turn.settled) return;
     turn.settled = true;
+    clearInterval(renewer);
     Object.assign(message, { status }, extra);
     message.meta.duration = performance.now() - started;
     updateFooter(message);
@@ -157,6 +186,7 @@ async function generate() {
     }
     for await (const { event, data } of readEvents(response.body)) {
       const payload = JSON.parse(data);
+      renew(turn); // a hidden tab's timers may be throttled; its stream events are not
       if (event === "delta") {
         message.meta.ttft ??= performance.now() - started;
         message.meta.tokens += 1;
@@ -170,6 +200,8 @@ async function generate() {
         settle("complete", { usage: payload.usage });
       } else if (event === "error") {
         settle("error", { error: payload.message, errorType: payload.type });
+      } else if (event === "cancelled") {
+        settle("stopped"); // stopped by a stop request (another tab, a script) or a lapsed lease
       }
     }
     settle("error", { error: "The connection closed before the answer finished." });
@@ -182,6 +214,7 @@ async function generate() {
       settle("error", { error: `Network error: ${err.message}` });
     }
   } finally {
+    clearInterval(renewer);
     if (current === turn) {
       current = null;
       setBusy(false);
@@ -257,7 +290,14 @@ document.querySelector("#new-chat").addEventListener("click", () => {
   input.focus();
 });
 
-// Save the partial answer if the page goes away mid-stream (the browser aborts the fetch).
-window.addEventListener("pagehide", save);
+// Leaving mid-stream: the browser aborts the fetch, and a beacon asks the server to stop
+// too, in case a proxy keeps the stream open. The partial answer is saved.
+window.addEventListener("pagehide", () => {
+  if (current && !current.settled && !current.stopSent) {
+    current.stopSent = true;
+    navigator.sendBeacon(`/api/generations/${encodeURIComponent(current.message.meta.id)}/stop`);
+  }
+  save();
+});
 
 render();

@@ -41,3 +41,18 @@ def demo_server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("demo"), workers=2, KEEPALIVE_SECONDS=0.5, DEMO_TOKENS_PER_SECOND=50)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real Postgres for the whole session; skip without it, fail under REQUIRE_E2E=1 (CI)."""
+    from harness import Postgres, postgres_bindir
+    bindir = postgres_bindir()
+    if bindir is None:
+        message = "Postgres is not installed (Debian package postgresql)"
+        if os.environ.get("REQUIRE_E2E") == "1":
+            pytest.fail(message + " and REQUIRE_E2E=1")
+        pytest.skip(message)
+    pg = Postgres(bindir)
+    yield pg
+    pg.destroy()

@@ -236,7 +236,7 @@ def scenario(**kw):
 class Nginx:
     """nginx running the shipped server block, on free loopback ports, in front of `server`."""
 
-    def __init__(self, binary, tmp_path, server, read_timeout=None, h2c=False):
+    def __init__(self, binary, tmp_path, server, read_timeout=None, h2c=False, swaps=()):
         self.binary = binary
         self.dir = tmp_path / f"nginx-{free_port()}"
         self.dir.mkdir()
@@ -246,7 +246,8 @@ class Nginx:
                         "-keyout", str(self.dir / "relay.key"), "-out", str(self.dir / "relay.crt")],
                        check=True, capture_output=True)
         conf = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
-        swaps = [("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};"),
+        servers = server if isinstance(server, (list, tuple)) else [server]
+        swaps = [*swaps, ("server 127.0.0.1:8000;", " ".join(f"server 127.0.0.1:{s.port};" for s in servers)),
                  ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
                  # h2c: the HTTP/2 port without TLS (prior knowledge), to test HTTP/2 in the clear.
                  ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} {'' if h2c else 'ssl '}http2;"),
@@ -273,3 +274,50 @@ class Nginx:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def postgres_bindir():
+    """Return the directory of Debian's Postgres server binaries, or None."""
+    import glob
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+class Postgres:
+    """A real Postgres in a temporary directory on a free loopback port, run as an unprivileged user."""
+
+    def __init__(self, bindir):
+        import pwd
+        import tempfile
+        self.bindir = bindir
+        self.port = free_port()
+        # Postgres refuses to run as root; as root, run it as nobody in a directory nobody owns.
+        self.user = "nobody" if os.geteuid() == 0 else None
+        self.dir = tempfile.mkdtemp(prefix="relay-pg-")
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        self.data = os.path.join(self.dir, "data")
+        self._run("initdb", "-D", self.data, "-U", "relay", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.url = f"postgresql://relay@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _run(self, tool, *args):
+        subprocess.run([os.path.join(self.bindir, tool), *args], check=True, capture_output=True, user=self.user,
+                       cwd=self.dir, timeout=60)
+
+    def start(self):
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                  "start")
+
+    def stop(self, mode="fast"):
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def destroy(self):
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)

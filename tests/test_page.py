@@ -81,7 +81,13 @@ def test_send_streams_token_by_token_and_the_button_swaps(page):
     assert page.locator("#transcript").get_attribute("aria-live") == "polite"
 
 
+def no_stop_requests(target):
+    """Drop the page's stop requests, so only the aborted fetch can tell the server."""
+    target.route("**/api/generations/*/stop", lambda route: route.abort())
+
+
 def test_stop_keeps_the_partial_answer_and_the_model_really_stops(page, demo_server):
+    no_stop_requests(page)  # this test is the abort link's; test_stop_through_proxies.py covers the request
     send(page, "/words 60 /rate 20")
     wait_tokens(page, 8)
     page.get_by_role("button", name=STREAMING).click()
@@ -148,6 +154,7 @@ def test_a_new_message_while_streaming_stops_the_old_one_first(page, demo_server
 
 def test_closing_the_tab_mid_stream_cancels_on_the_server(browser, demo_server):
     context = browser.new_context()
+    no_stop_requests(context)
     page = context.new_page()
     page.goto(demo_server.url + "/")
     send(page, "/words 60 /rate 20")

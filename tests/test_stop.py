@@ -1,0 +1,182 @@
+"""The stop request and the client lease over real gunicorn and SQLite (the embedded default)."""
+import json
+import os
+import signal
+import sqlite3
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from harness import SSE, Server, get_json, poll, scenario, texts
+
+
+def tag():
+    return uuid.uuid4().hex[:12]
+
+
+def post(url, body=None):
+    """POST (JSON body or none); return (status, parsed JSON)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def stop(server, gen_id):
+    return post(f"{server.url}/api/generations/{gen_id}/stop")
+
+
+@pytest.fixture(scope="module")
+def relay2(upstream, tmp_path_factory):
+    """Two workers on one SQLite file, as `make run` deploys on one machine."""
+    server = Server(tmp_path_factory.mktemp("relay2"), workers=2, LLM_PROVIDER="openai",
+                    LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m", KEEPALIVE_SECONDS=0.5)
+    yield server
+    server.stop()
+
+
+def test_a_stop_request_stops_the_stream_and_the_provider(relay, upstream):
+    t = tag()
+    s = SSE(relay.port, scenario(tag=t, tokens=1000, interval=0.02))
+    gen_id = s.read_until("delta", 3)[0][1]["id"]
+    sent = time.monotonic()
+    status, body = stop(relay, gen_id)
+    assert status == 200 and body["id"] == gen_id
+    assert body["status"] == "cancelled" and body["cancel_reason"] == "stop_request"
+    rec = upstream.wait_closed(t)
+    assert rec["closed_at"] is not None and rec["closed_at"] - sent < 0.5
+    # The client is still connected (as behind a proxy that swallowed its abort): it is told.
+    rest = [e for e in s.read_all() if e[0] != ":"]
+    assert rest[-1][0] == "cancelled" and rest[-1][1] == {"status": "cancelled", "cancel_reason": "stop_request"}
+    gen = relay.generation(gen_id)
+    assert gen["status"] == "cancelled" and gen["cancel_reason"] == "stop_request"
+    assert stop(relay, gen_id) == (200, body | {"lease_expires_at": None})  # idempotent
+
+
+def test_a_stop_in_a_silence_or_before_headers_closes_the_provider(relay, upstream):
+    for kw in ({"tokens": 10, "silence_after": 2, "silence": 30}, {"header_delay": 30}):
+        t = tag()
+        s = SSE(relay.port, scenario(tag=t, **kw))
+        gen_id = (s.read_until("delta", 2) if "silence" in kw else [s.next()])[0][1]["id"]
+        time.sleep(0.1)
+        sent = time.monotonic()
+        assert stop(relay, gen_id)[1]["status"] == "cancelled"
+        rec = upstream.wait_closed(t)
+        assert rec["closed_at"] is not None and rec["closed_at"] - sent < 0.5, kw
+        s.close()
+
+
+def test_a_stop_after_the_end_changes_nothing(relay):
+    s = SSE(relay.port, scenario(tokens=3))
+    events = s.read_all()
+    gen_id = events[0][1]["id"]
+    assert events[-1][0] == "done"
+    status, body = stop(relay, gen_id)
+    assert status == 200 and body["status"] == "complete" and body["cancel_reason"] is None
+    gen = relay.generation(gen_id)
+    assert gen["status"] == "complete" and gen["text"] == "tok0 tok1 tok2 "
+
+
+def test_a_stop_before_its_chat_ends_the_chat_at_once_without_the_provider(relay, upstream):
+    gen_id, t = "gen_" + uuid.uuid4().hex, tag()
+    status, body = stop(relay, gen_id)
+    assert status == 202 and body == {"id": gen_id, "status": "pending"}
+    s = SSE(relay.port, {"id": gen_id, **scenario(tag=t, tokens=100, interval=0.02)})
+    events = [e for e in s.read_all(timeout=2) if e[0] != ":"]
+    assert [e[0] for e in events] == ["start", "cancelled"]
+    assert upstream.record(t) == {} or "error" in upstream.record(t), "the provider was contacted"
+    gen = relay.generation(gen_id)
+    assert gen["status"] == "cancelled" and gen["cancel_reason"] == "stop_request" and gen["chunks"] == 0
+
+
+def test_stops_for_ids_that_never_come_are_forgotten(relay):
+    conn = sqlite3.connect(relay.db)
+    old = time.time() - 3600
+    conn.executemany("INSERT INTO stops (id, reason, requested_at) VALUES (?, 'stop_request', ?)",
+                     [(f"gen_never_{i}", old) for i in range(50)])
+    conn.commit()
+    stop(relay, "gen_" + uuid.uuid4().hex)
+    left = conn.execute("SELECT count(*) FROM stops WHERE id LIKE 'gen_never_%'").fetchone()[0]
+    conn.close()
+    assert left == 0
+
+
+def test_read_your_writes_the_log_agrees_the_moment_done_is_read(relay):
+    for _ in range(10):
+        s = SSE(relay.port, scenario(tokens=2, interval=0))
+        events = s.read_until("done")
+        gen = get_json(f"{relay.url}/api/generations/{events[0][1]['id']}")  # no waiting, no polling
+        assert gen["status"] == "complete", gen
+        s.close()
+
+
+def test_a_stop_landing_on_the_other_worker_still_stops_the_stream(relay2, upstream):
+    """SQLite has no push signal: the worker holding the stream finds the stop by re-checking the store."""
+    t = tag()
+    s = SSE(relay2.port, scenario(tag=t, tokens=1000, interval=0.02))
+    gen_id = s.read_until("delta", 3)[0][1]["id"]
+    holder = relay2.generation(gen_id)["worker_pid"]
+    assert holder in relay2.workers()
+    os.kill(holder, signal.SIGSTOP)  # frozen: the stop can only be taken by the other worker
+    try:
+        status, body = stop(relay2, gen_id)
+        assert status == 200 and body["status"] == "cancelled"
+    finally:
+        resumed = time.monotonic()
+        os.kill(holder, signal.SIGCONT)
+    rec = upstream.wait_closed(t)
+    assert rec["closed_at"] is not None and rec["closed_at"] - resumed < 0.5
+    gen = relay2.wait_finished(gen_id)
+    assert gen["cancel_reason"] == "stop_request" and gen["text"].startswith("tok0 tok1 tok2 ")
+    s.close()
+
+
+def test_a_lapsed_lease_stops_the_generation(relay2, upstream):
+    t = tag()
+    began = time.monotonic()
+    s = SSE(relay2.port, {"lease_seconds": 1.5, **scenario(tag=t, tokens=1000, interval=0.02)})
+    gen_id = s.next()[1]["id"]
+    assert relay2.generation(gen_id)["lease_expires_at"] is not None
+    rec = upstream.wait_closed(t)
+    assert rec["closed_at"] is not None and 1.5 <= rec["closed_at"] - began < 1.5 + 1
+    events = [e for e in s.read_all() if e[0] != ":"]
+    assert events[-1][0] == "cancelled" and events[-1][1]["cancel_reason"] == "lease_expired"
+    gen = relay2.generation(gen_id)
+    assert gen["status"] == "cancelled" and gen["cancel_reason"] == "lease_expired"
+
+
+def test_a_lease_renewed_past_several_periods_survives(relay2, upstream):
+    t = tag()
+    s = SSE(relay2.port, {"lease_seconds": 1, **scenario(tag=t, tokens=200, interval=0.02)})
+    gen_id = s.next()[1]["id"]
+    renewals = 0
+    deadline = time.monotonic() + 3.5  # 3.5 lease periods
+    while time.monotonic() < deadline:
+        status, body = post(f"{relay2.url}/api/generations/{gen_id}/lease")
+        assert status == 200 and body["status"] == "streaming" and body["lease_expires_at"], body
+        renewals += 1
+        time.sleep(0.4)
+    events = [e for e in s.read_all() if e[0] != ":"]
+    assert events[-1][0] == "done" and len([e for e in events if e[0] == "delta"]) == 200
+    assert relay2.generation(gen_id)["status"] == "complete"
+    status, body = post(f"{relay2.url}/api/generations/{gen_id}/lease")  # after the end: the final status
+    assert status == 200 and body["status"] == "complete" and body["lease_expires_at"] is None
+    assert post(f"{relay2.url}/api/generations/gen_{uuid.uuid4().hex}/lease")[0] == 404
+
+
+def test_without_a_lease_nothing_changes(relay2, upstream):
+    s = SSE(relay2.port, scenario(tokens=60, interval=0.05))  # 3 s, longer than any lease above
+    events = [e for e in s.read_all() if e[0] != ":"]
+    assert events[-1][0] == "done"
+    assert relay2.generation(events[0][1]["id"])["lease_seconds"] is None
+
+
+@pytest.mark.parametrize("lease", [0, 0.5, 3601, "10", True])
+def test_a_bad_lease_is_a_clear_400(relay, lease):
+    status, body = post(f"{relay.url}/api/chat", {"lease_seconds": lease, **scenario()})
+    assert status == 400 and body["error"]["type"] == "invalid_request" and "lease_seconds" in body["error"]["message"]
