@@ -236,7 +236,7 @@ def scenario(**kw):
 class Nginx:
     """nginx running the shipped server block, on free loopback ports, in front of `server`."""
 
-    def __init__(self, binary, tmp_path, server, read_timeout=None, h2c=False, swaps=()):
+    def __init__(self, binary, tmp_path, server, read_timeout=None, h2c=False, swaps=(), also_listen=None):
         self.binary = binary
         self.dir = tmp_path / f"nginx-{free_port()}"
         self.dir.mkdir()
@@ -248,7 +248,8 @@ class Nginx:
         conf = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
         servers = server if isinstance(server, (list, tuple)) else [server]
         swaps = [*swaps, ("server 127.0.0.1:8000;", " ".join(f"server 127.0.0.1:{s.port};" for s in servers)),
-                 ("listen 8080;", f"listen 127.0.0.1:{self.port};"),
+                 ("listen 8080;", f"listen 127.0.0.1:{self.port};"
+                                  + (f" listen {also_listen}:{self.port};" if also_listen else "")),
                  # h2c: the HTTP/2 port without TLS (prior knowledge), to test HTTP/2 in the clear.
                  ("listen 8443 ssl http2;", f"listen 127.0.0.1:{self.tls_port} {'' if h2c else 'ssl '}http2;"),
                  ("/etc/nginx/ssl/", f"{self.dir}/"),

@@ -82,3 +82,32 @@ def test_a_silently_vanished_client_stops_the_model_within_seconds(namespace, up
         client.kill()
         client.wait()
         server.stop()
+
+
+def test_a_browser_vanishing_behind_nginx_is_stopped_by_its_lapsed_lease(namespace, upstream, tmp_path):
+    """nginx keeps taking the relay's writes for a client that is gone: only the lease can tell."""
+    from conftest import require_binary
+    from harness import Nginx
+    server = Server(tmp_path, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    proxy = Nginx(require_binary("nginx"), tmp_path, server, also_listen=HOST)
+    tag = uuid.uuid4().hex[:12]
+    lease = 2
+    body = {"lease_seconds": lease, **scenario(tag=tag, tokens=100000, interval=0.05)}
+    began = time.monotonic()
+    client = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", CLIENT, HOST, str(proxy.port),
+                               json.dumps(body)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        gen_id = client.stdout.readline().strip()
+        assert gen_id.startswith("gen_")
+        ip("link", "set", f"{namespace}b", "down", ns=namespace)  # the cable is cut, and never renews
+        rec = upstream.wait_closed(tag, timeout=15)
+        assert rec["closed_at"] is not None, "the relay still holds the upstream 15 s after the client vanished"
+        # The lease was set when the chat started, its last (only) renewal.
+        assert rec["closed_at"] - began < lease + 2
+        gen = server.wait_finished(gen_id)
+        assert gen["status"] == "cancelled" and gen["cancel_reason"] == "lease_expired"
+    finally:
+        client.kill()
+        client.wait()
+        proxy.stop()
+        server.stop()

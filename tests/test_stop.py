@@ -58,6 +58,20 @@ def test_a_stop_request_stops_the_stream_and_the_provider(relay, upstream):
     assert stop(relay, gen_id) == (200, body | {"lease_expires_at": None})  # idempotent
 
 
+def test_a_stop_landing_on_the_worker_holding_the_stream_acts_at_once(relay, upstream):
+    """Not on the next re-check of the store (every 50 ms on SQLite): the worker stops its own stream."""
+    delays = []
+    for _ in range(9):
+        t = tag()
+        s = SSE(relay.port, scenario(tag=t, tokens=1000, interval=0.02))
+        gen_id = s.read_until("delta", 2)[0][1]["id"]
+        sent = time.monotonic()
+        stop(relay, gen_id)
+        delays.append(upstream.wait_closed(t)["closed_at"] - sent)
+        s.close()
+    assert sorted(delays)[4] < 0.01, delays
+
+
 def test_a_stop_in_a_silence_or_before_headers_closes_the_provider(relay, upstream):
     for kw in ({"tokens": 10, "silence_after": 2, "silence": 30}, {"header_delay": 30}):
         t = tag()
