@@ -47,16 +47,17 @@ def _sqlite_path(url):
     return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
 
 
-def _sqlite_run(path, sql, args):
-    """Run one statement on its own SQLite connection; return (rows, rows changed)."""
+def _sqlite_run(path, statements):
+    """Run statements in one transaction on their own SQLite connection; return the last one's (rows, rows changed)."""
     try:
         with sqlite3.connect(path, timeout=10) as conn:
             # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
             # a power cut can lose the last few log rows, never a stream.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
-            cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
-            rows = [dict(row) for row in cursor.fetchall()]
+            for sql, args in statements:
+                cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
+                rows = [dict(row) for row in cursor.fetchall()]
         conn.close()
     except sqlite3.Error as exc:
         raise Unavailable(f"sqlite: {exc}") from exc
@@ -89,7 +90,8 @@ def _pool(url):
             from psycopg_pool import ConnectionPool
 
             # timeout: a chat waits at most this long for the store before its 503.
-            _pools[key] = ConnectionPool(url, min_size=1, max_size=20, timeout=3, open=True,
+            # min_size 2: the stop watcher's re-check and a request, without waiting for a connect.
+            _pools[key] = ConnectionPool(url, min_size=2, max_size=20, timeout=3, open=True,
                                          kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3},
                                          check=ConnectionPool.check_connection, name="relay")
             # Closed while the interpreter still stands; its __del__ at exit would fail loudly.
@@ -101,19 +103,24 @@ def _pg_sql(sql):
     return sql.replace("%", "%%").replace("?", "%s").replace("{now}", "extract(epoch from clock_timestamp())::float8")
 
 
-def _pg_run(url, sql, args, pooled=True):
-    """Run one statement on Postgres (pooled in workers, direct in gunicorn's master)."""
+def _pg_transaction(conn, statements):
+    with conn.transaction():
+        for sql, args in statements:
+            cursor = conn.execute(_pg_sql(sql), args)
+    return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+
+
+def _pg_run(url, statements, pooled=True):
+    """Run statements in one transaction on Postgres (pooled in workers, direct in gunicorn's master)."""
     psycopg = _psycopg()
     from psycopg_pool import PoolTimeout
     try:
         if pooled:
             with _pool(url).connection() as conn:
-                cursor = conn.execute(_pg_sql(sql), args)
-                return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+                return _pg_transaction(conn, statements)
         from psycopg.rows import dict_row
         with psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5) as conn:
-            cursor = conn.execute(_pg_sql(sql), args)
-            return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+            return _pg_transaction(conn, statements)
     except (psycopg.Error, PoolTimeout) as exc:
         raise Unavailable(f"postgres: {str(exc).strip()}") from exc
 
@@ -126,16 +133,20 @@ def _gevent_loop_running():
     return monkey.is_module_patched("socket")
 
 
-def run(url, sql, args=(), pooled=True):
-    """Run one statement; return (rows as dicts, number of rows changed)."""
+def run(url, sql, args=(), pooled=True, then=()):
+    """Run one statement, and the (sql, args) pairs of `then` in the same transaction.
+
+    Returns the last statement's (rows as dicts, number of rows changed).
+    """
+    statements = [(sql, args), *then]
     if is_postgres(url):
-        return _pg_run(url, sql, args, pooled)
+        return _pg_run(url, statements, pooled)
     if pooled and _gevent_loop_running():
         import gevent
 
         # sqlite3 blocks its thread: in gevent's thread pool disk waits never stall the loop.
-        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), sql, args))
-    return _sqlite_run(_sqlite_path(url), sql, args)
+        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements))
+    return _sqlite_run(_sqlite_path(url), statements)
 
 
 def execute(url, sql, args=()):
@@ -144,7 +155,12 @@ def execute(url, sql, args=()):
 
 
 def init(url):
-    """Create the tables if missing (and add newer columns); called once per process at start-up."""
+    """Create the tables if missing (and add newer columns); called once per process at start-up.
+
+    In a gevent worker it also opens the Postgres pool now, so the first chat does not wait for it.
+    """
+    if is_postgres(url) and _gevent_loop_running():
+        _pool(url)
     with open(os.path.join(os.path.dirname(__file__), "schema.sql")) as f:
         statements = [s for s in f.read().split(";") if s.strip()]
     if is_postgres(url):
@@ -236,16 +252,24 @@ def list_generations(url, limit):
 
 
 def request_stop(url, gen_id, reason="stop_request"):
-    """Record a stop durably, settle the generation's status, and signal its owner; return its record or None."""
-    # The stop is kept even for an id not seen yet: its chat may still be on the way.
-    execute(url, "DELETE FROM stops WHERE requested_at < {now} - ?", (STOP_MEMORY_SECONDS,))
-    execute(url, "INSERT INTO stops (id, reason, requested_at) VALUES (?, ?, {now}) ON CONFLICT (id) DO NOTHING",
-            (gen_id, reason))
-    cancel(url, gen_id, reason)
+    """Record a stop durably and settle the generation's status; on Postgres also signal its owner."""
+    # One transaction: the stop is kept even for an id not seen yet (its chat may be on the
+    # way), and NOTIFY goes out at commit, once the stop is durable.
+    insert = "INSERT INTO stops (id, reason, requested_at) VALUES (?, ?, {now}) ON CONFLICT (id) DO NOTHING"
+    update = ("UPDATE generations SET status = 'cancelled', cancel_reason = ?, ended_at = ?"
+              " WHERE id = ? AND status = 'streaming'")
     if is_postgres(url):
-        # Lost if the owner's listener is down; the owner's own re-check covers that.
-        execute(url, "SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, gen_id))
-    return get_generation(url, gen_id)
+        # One statement, one round trip. The NOTIFY is lost if the owner's listener is down;
+        # the owner's own re-check covers that.
+        execute(url, f"WITH s AS ({insert}), u AS ({update}) SELECT pg_notify(?, ?)",
+                (gen_id, reason, reason, now(), gen_id, NOTIFY_CHANNEL, gen_id))
+    else:
+        run(url, insert, (gen_id, reason), then=[(update, (reason, now(), gen_id))])
+
+
+def forget_old_stops(url):
+    """Delete stops older than STOP_MEMORY_SECONDS, so stops for ids that never come do not pile up."""
+    execute(url, "DELETE FROM stops WHERE requested_at < {now} - ?", (STOP_MEMORY_SECONDS,))
 
 
 def renew_lease(url, gen_id):

@@ -91,8 +91,13 @@ def _answer(gen_id, record):
 @bp.post("/api/generations/<gen_id>/stop")
 def stop(gen_id):
     """Stop a generation wherever it streams; idempotent, and harmless after the end."""
-    record = db.request_stop(current_app.config["SETTINGS"].database_url, gen_id)
+    url = current_app.config["SETTINGS"].database_url
+    # On the worker holding the stream, stop it now: no signal is involved that could be lost.
     _stop_local(gen_id, "stop_request")
+    # Elsewhere, durable first, then signalled: a lost signal is found by the owner's re-check.
+    db.request_stop(url, gen_id)
+    record = db.get_generation(url, gen_id)
+    db.forget_old_stops(url)
     return _answer(gen_id, record)
 
 

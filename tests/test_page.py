@@ -84,6 +84,7 @@ def test_send_streams_token_by_token_and_the_button_swaps(page):
 def no_stop_requests(target):
     """Drop the page's stop requests, so only the aborted fetch can tell the server."""
     target.route("**/api/generations/*/stop", lambda route: route.abort())
+    target.add_init_script("navigator.sendBeacon = () => true;")  # beacons bypass routes: a lost one
 
 
 def test_stop_keeps_the_partial_answer_and_the_model_really_stops(page, demo_server):
