@@ -10,10 +10,13 @@ import uuid
 import gevent
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+import auth
 import config
 import db
 import demo
+import metrics
 import providers
 import stops
 from sse import Cancelled, EventStream, ServerSentEvent, when_idle
@@ -63,6 +66,14 @@ def parse_chat_request(body):
     return [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, gen_id, lease
 
 
+def read_json():
+    """Return the request body parsed as JSON, or None if it is not JSON (however malformed)."""
+    try:
+        return json.loads(request.get_data())
+    except (ValueError, RecursionError):  # RecursionError: e.g. 100,000 nested [
+        return None
+
+
 def error_response(status, type, message):
     """Return the JSON error every non-streaming failure uses."""
     return jsonify(error={"type": type, "message": message}), status
@@ -91,8 +102,12 @@ def generation(settings, gen_id, messages, max_tokens, stopped=""):
                                          "usage": info.get("usage")})
     except Cancelled as stop:
         row.update(status="cancelled", cancel_reason=stop.reason)
+        if stop.stopped_at is not None and info.get("request_id") is not None:
+            # The provider's connection is closed by now (the `with` in post_stream has exited).
+            metrics.stop_closed(stop.reason, time.monotonic() - stop.stopped_at)
     except providers.UpstreamError as exc:
         row.update(status="error", error=f"{exc.type}: {exc.message}")
+        info["error_type"] = exc.type
         final = ServerSentEvent("error", exc.event_data())
     except Exception:
         log.exception("generation %s failed", gen_id)
@@ -119,8 +134,9 @@ def finish(settings, gen_id, row, pieces, info, started, first):
     ended, ended_at = time.monotonic(), db.now()
     if row["cancel_reason"] == "client_disconnect":
         when_idle()  # nobody waits for this row: when many streams stop at once, every one closes its upstream first
+    estimate = usage_estimate(info.get("usage"), pieces, info)
     fields = dict(ended_at=ended_at, chunks=len(pieces), text="".join(pieces), upstream_request_id=info.get("request_id"),
-                  finish_reason=info.get("finish_reason"), usage=info.get("usage"), **row)
+                  finish_reason=info.get("finish_reason"), usage=info.get("usage"), usage_estimate=estimate, **row)
     try:
         status, reason = db.finish_generation(settings.database_url, gen_id, **dict(fields))
     except db.Unavailable as exc:
@@ -129,8 +145,35 @@ def finish(settings, gen_id, row, pieces, info, started, first):
         status, reason = row["status"], row["cancel_reason"]
     log.info(json.dumps({"generation": gen_id, "status": status, "reason": reason,
                          "chunks": len(pieces), "ttft_ms": _ms(started, first),
-                         "total_ms": _ms(started, ended), "error": row["error"]}))
+                         "total_ms": _ms(started, ended), "error": row["error"], "usage_estimate": estimate}))
+    reported = _output_tokens(info.get("usage"))
+    metrics.generation_ended(settings.provider, status, reason, info.get("error_type"), len(pieces), ended - started,
+                             None if first is None else first - started,
+                             reported if reported is not None else (estimate or {}).get("output_tokens"),
+                             estimated=reported is None)
     return status, reason
+
+
+def _output_tokens(usage):
+    """Return the output tokens a provider reported (OpenAI, Ollama or Anthropic names), or None."""
+    if not isinstance(usage, dict):
+        return None
+    value = usage.get("completion_tokens", usage.get("output_tokens"))
+    return value if type(value) is int else None
+
+
+def usage_estimate(usage, pieces, info):
+    """Return what is known of a generation's usage when the provider reported none, or None.
+
+    Cheap on purpose (no tokenizer in the event loop): output tokens are a lower bound, the
+    text pieces relayed, each of which the provider sent for at least one token.
+    """
+    if _output_tokens(usage) is not None:
+        return None
+    estimate = {"output_tokens": sum(1 for piece in pieces if piece), "output_tokens_method": "lower bound: text pieces relayed"}
+    if info.get("input_tokens") is not None:
+        estimate.update(input_tokens=info["input_tokens"], input_tokens_source="provider: message_start")
+    return estimate
 
 
 def _write_row_later(url, gen_id, fields, attempts=600):
@@ -157,9 +200,17 @@ def create_app(settings=None):
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    if settings.trusted_proxies:
+        # Only as many X-Forwarded-For hops as there are proxies of ours: a client's own
+        # X-Forwarded-For header is never believed.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
     db.init(settings.database_url)
-    demo.init_app(app)
+    if settings.provider == "demo":
+        demo.init_app(app)  # the demo model's routes exist only when it is the provider
     stops.init_app(app)
+    metrics.init_app(app)
+    if settings.log_retention_days:
+        start_retention(settings)
 
     @app.after_request
     def security_headers(response):
@@ -196,23 +247,35 @@ def create_app(settings=None):
         if not request.is_json:
             return error_response(415, "unsupported_media_type", "send the body as application/json")
         try:
-            messages, max_tokens, gen_id, lease = parse_chat_request(request.get_json(silent=True))
+            messages, max_tokens, gen_id, lease = parse_chat_request(read_json())
         except BadRequest as exc:
             return error_response(400, "invalid_request", str(exc))
+        if len(stops.open_streams()) >= settings.max_streams_per_worker:
+            metrics.REJECTED.labels("server_busy").inc()
+            response = error_response(503, "server_busy", "this worker has as many open streams as it takes"
+                                      " (MAX_STREAMS_PER_WORKER); retry shortly")
+            return (*response, {"Retry-After": "5"})
         run = settings
         if settings.provider == "demo" and not settings.base_url:
             run = dataclasses.replace(settings, base_url=_own_url(request.environ) + "/demo/v1")
         gen_id = gen_id or "gen_" + uuid.uuid4().hex
         try:
             stopped = db.start_generation(settings.database_url, gen_id, settings.provider, settings.model,
-                                          settings.instance_id, lease)
+                                          settings.instance_id, lease, request.remote_addr,
+                                          settings.max_streams_per_client)
         except db.Unavailable as exc:
             # Never a stream that could be neither logged nor stopped.
             log.error("chat refused: the store is unavailable: %s", exc)
+            metrics.REJECTED.labels("log_unavailable").inc()
             return error_response(503, "log_unavailable",
                                   "the generation log is unavailable, so the answer could not be logged or stopped; retry shortly")
-        if stopped is None:
+        except db.IdTaken:
             return error_response(409, "conflict", f"a generation with id {gen_id} exists already")
+        except db.ClientLimit:
+            metrics.REJECTED.labels("too_many_streams").inc()
+            response = error_response(429, "too_many_streams", "this client has as many streams open as it may"
+                                      " (MAX_STREAMS_PER_CLIENT); stop one or retry later")
+            return (*response, {"Retry-After": "5"})
         stream = EventStream(generation(run, gen_id, messages, max_tokens, stopped), request.environ, settings.keepalive)
         stops.track(settings, gen_id, stream)
         return Response(stream,
@@ -222,8 +285,12 @@ def create_app(settings=None):
 
     @app.get("/api/generations")
     def generations():
+        # Every user's conversations: for the operator only. One record stays readable by its id.
+        denied = auth.require_token(settings.admin_token, names="ADMIN_TOKEN")
+        if denied:
+            return denied
         limit = request.args.get("limit", "20")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             return error_response(400, "invalid_request", "limit must be an integer from 1 to 1000")
         return jsonify(generations=db.list_generations(settings.database_url, int(limit)))
 
@@ -235,6 +302,21 @@ def create_app(settings=None):
         return jsonify(record)
 
     return app
+
+
+def start_retention(settings):
+    """Delete log rows older than LOG_RETENTION_DAYS now and every hour, off the event loop."""
+    def prune():
+        while True:
+            try:
+                count = db.delete_older_than(settings.database_url, time.time() - settings.log_retention_days * 86400)
+                if count:
+                    log.info(json.dumps({"retention": "deleted", "rows": count, "days": settings.log_retention_days}))
+            except db.Unavailable as exc:
+                log.warning("log retention: the store is unavailable (%s); trying again in an hour", exc)
+            gevent.sleep(3600)
+
+    gevent.spawn(prune)
 
 
 def _own_url(environ):

@@ -33,6 +33,12 @@ class Settings:
     instance_id: str = "local"
     demo_tokens_per_second: float = 20.0
     max_request_bytes: int = 1_000_000
+    admin_token: str = ""
+    metrics_token: str = ""
+    log_retention_days: float = 0.0  # 0: keep forever
+    max_streams_per_worker: int = 1000
+    max_streams_per_client: int = 0  # 0: no limit
+    trusted_proxies: int = 0
 
 
 def _number(env, name, default, cast=float):
@@ -46,6 +52,25 @@ def _number(env, name, default, cast=float):
     if value is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {raw!r}")
     return value
+
+
+def _count(env, name, default):
+    """Read a whole number >= 0 (0 meaning off or none)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise ConfigError(f"{name} must be a whole number (0 or more), got {raw!r}")
+    return int(raw)
+
+
+def _worker_streams(env, provider):
+    """The default MAX_STREAMS_PER_WORKER: gunicorn's worker_connections, less room for other requests."""
+    connections = _count(env, "WORKER_CONNECTIONS", 1000) or 1000
+    # Stop, lease and page requests need a few connections; each demo chat also holds the
+    # demo model's own connection, on this worker or another.
+    room = max(10, connections // 50)
+    return max(1, (connections - room) // (2 if provider == "demo" else 1))
 
 
 def from_env(env=os.environ):
@@ -79,4 +104,10 @@ def from_env(env=os.environ):
         instance_id=env.get("INSTANCE_ID", "").strip() or socket.gethostname(),
         demo_tokens_per_second=_number(env, "DEMO_TOKENS_PER_SECOND", 20.0),
         max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 1_000_000, int),
+        admin_token=env.get("ADMIN_TOKEN", "").strip(),
+        metrics_token=env.get("METRICS_TOKEN", "").strip(),
+        log_retention_days=_number(env, "LOG_RETENTION_DAYS", 0.0),
+        max_streams_per_worker=_count(env, "MAX_STREAMS_PER_WORKER", 0) or _worker_streams(env, provider),
+        max_streams_per_client=_count(env, "MAX_STREAMS_PER_CLIENT", 0),
+        trusted_proxies=_count(env, "TRUSTED_PROXIES", 0),
     )

@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 
 FIELDS = ("id", "status", "cancel_reason", "provider", "model", "started_at", "first_token_at",
           "ended_at", "chunks", "text", "error", "upstream_request_id", "finish_reason", "usage",
-          "instance_id", "worker_pid", "lease_seconds", "lease_expires_at")
+          "instance_id", "worker_pid", "lease_seconds", "lease_expires_at", "usage_estimate")
 # Columns added after the first release: an existing SQLite log gets them at start-up.
 ADDED_COLUMNS = (("instance_id", "TEXT NOT NULL DEFAULT ''"), ("lease_seconds", "DOUBLE PRECISION"),
-                 ("lease_expires", "DOUBLE PRECISION"))
+                 ("lease_expires", "DOUBLE PRECISION"), ("client_addr", "TEXT"), ("usage_estimate", "TEXT"))
 # A stop for an id whose chat has not come (yet) is kept this long, then forgotten.
 STOP_MEMORY_SECONDS = 600
 NOTIFY_CHANNEL = "relay_stop"
@@ -26,6 +26,14 @@ NOTIFY_CHANNEL = "relay_stop"
 
 class Unavailable(Exception):
     """The store could not be reached or could not run a statement."""
+
+
+class IdTaken(Exception):
+    """A generation with this id exists already."""
+
+
+class ClientLimit(Exception):
+    """The client has MAX_STREAMS_PER_CLIENT streams open already."""
 
 
 def iso(timestamp):
@@ -162,7 +170,7 @@ def init(url):
     if is_postgres(url) and _gevent_loop_running():
         _pool(url)
     with open(os.path.join(os.path.dirname(__file__), "schema.sql")) as f:
-        statements = [s for s in f.read().split(";") if s.strip()]
+        statements = [s for s in f.read().split(";\n") if s.strip()]  # no ";" ends a comment line
     if is_postgres(url):
         psycopg = _psycopg()
         try:
@@ -192,14 +200,29 @@ def init(url):
     conn.close()
 
 
-def start_generation(url, gen_id, provider, model, instance_id, lease_seconds=None):
-    """Record a generation as streaming; return None if the id is taken, else the stop already asked for it (or None)."""
-    rows = execute(url, "INSERT INTO generations (id, status, provider, model, started_at, worker_pid, instance_id,"
-                        " lease_seconds, lease_expires) VALUES (?, 'streaming', ?, ?, ?, ?, ?, ?, {now} + ?)"
-                        " ON CONFLICT (id) DO NOTHING RETURNING id",
-                   (gen_id, provider, model, now(), os.getpid(), instance_id, lease_seconds, lease_seconds))
+def start_generation(url, gen_id, provider, model, instance_id, lease_seconds=None, client_addr=None,
+                     max_per_client=0):
+    """Record a generation as streaming; return the reason of a stop already asked for it, or "".
+
+    Raises IdTaken, or ClientLimit when `client_addr` has `max_per_client` streams open on
+    any worker of any instance (0: no limit).
+    """
+    insert = ("INSERT INTO generations (id, status, provider, model, started_at, worker_pid, instance_id,"
+              " lease_seconds, lease_expires, client_addr)"
+              " SELECT ?, 'streaming', ?, ?, ?, ?, ?, ?, {now} + ?, ?"
+              " WHERE ? = 0 OR (SELECT count(*) FROM generations WHERE status = 'streaming' AND client_addr = ?) < ?"
+              " ON CONFLICT (id) DO NOTHING RETURNING id")
+    args = (gen_id, provider, model, now(), os.getpid(), instance_id, lease_seconds, lease_seconds, client_addr,
+            max_per_client, client_addr, max_per_client)
+    if is_postgres(url) and max_per_client:
+        # Postgres lets two transactions count at once: one client's chats take turns here.
+        rows = run(url, "SELECT pg_advisory_xact_lock(hashtext(?))", (client_addr or "",), then=[(insert, args)])[0]
+    else:
+        rows = execute(url, insert, args)  # one SQLite statement runs under its write lock
     if not rows:
-        return None
+        if execute(url, "SELECT 1 FROM generations WHERE id = ?", (gen_id,)):
+            raise IdTaken(gen_id)
+        raise ClientLimit(client_addr)
     # Written before read, as request_stop() does the other way round: one of the two sees the other.
     stops = execute(url, "SELECT reason FROM stops WHERE id = ?", (gen_id,))
     if stops:
@@ -220,8 +243,9 @@ def finish_generation(url, gen_id, **fields):
     A stop request may have settled the status first: then its outcome stands and only the
     text and figures are added, so every reader agrees with what any client was told.
     """
-    if fields.get("usage") is not None:
-        fields["usage"] = json.dumps(fields["usage"])
+    for name in ("usage", "usage_estimate"):
+        if fields.get(name) is not None:
+            fields[name] = json.dumps(fields[name])
     status, reason, ended_at = fields.pop("status"), fields.pop("cancel_reason"), fields.pop("ended_at")
     columns = "".join(f", {name} = ?" for name in fields)
     rows = execute(url, "UPDATE generations SET"
@@ -234,7 +258,8 @@ def finish_generation(url, gen_id, **fields):
 
 def _record(row):
     record = {name: row.get(name) for name in FIELDS}
-    record["usage"] = json.loads(record["usage"]) if record["usage"] else None
+    for name in ("usage", "usage_estimate"):
+        record[name] = json.loads(record[name]) if record[name] else None
     record["lease_expires_at"] = iso(row["lease_expires"]) if row.get("lease_expires") and row["status"] == "streaming" else None
     return record
 
@@ -301,6 +326,14 @@ def listen(url, on_id, running):
         while running():
             for notify in conn.notifies(timeout=1.0):
                 on_id(notify.payload)
+
+
+def delete_older_than(url, timestamp):
+    """Delete ended generations (text included) and demo meters started before `timestamp`; return how many."""
+    cutoff = iso(timestamp)
+    count = run(url, "DELETE FROM generations WHERE started_at < ? AND status <> 'streaming'", (cutoff,))[1]
+    run(url, "DELETE FROM demo_requests WHERE started_at < ? AND status <> 'generating'", (cutoff,))
+    return count
 
 
 def cancel_streaming(url, reason, instance_id, worker_pid=None):

@@ -1,6 +1,8 @@
 """gunicorn settings for long-lived event streams. Every value can be overridden on the command line."""
 import os
+import glob
 import sys
+import tempfile
 
 import config as settings_module  # not "config": gunicorn reads that name as a setting
 import db
@@ -11,7 +13,13 @@ bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 worker_class = "gevent"
 # Open connections per worker, counting the demo model's own: each demo chat holds two.
-worker_connections = 1000
+# The app derives MAX_STREAMS_PER_WORKER from it, so a full worker answers 503 at once
+# instead of leaving new connections waiting unseen.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+os.environ["WORKER_CONNECTIONS"] = str(worker_connections)
+# prometheus_client's multiprocess mode: each worker writes its metrics to files here and
+# /metrics adds them up. Set before any worker imports prometheus_client; wiped at start.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="relay-metrics-"))
 # For async workers `timeout` is not a request limit: it is how long the worker's event
 # loop may go without a heartbeat before the master kills it. Streams last as long as they
 # need; a blocked loop (a non-cooperative call) is what this catches.
@@ -31,6 +39,10 @@ def on_starting(server):
         settings = settings_module.from_env()
     except settings_module.ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(metrics_dir, exist_ok=True)
+    for name in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(name)  # a previous run's counts are not this run's
     try:
         db.init(settings.database_url)
         # Only this instance's rows: another machine's live streams are not ours to close.
@@ -74,7 +86,10 @@ def worker_int(worker):
 
 
 def child_exit(server, worker):
-    """A worker that died (or was killed) leaves no row streaming."""
+    """A worker that died (or was killed) leaves no row streaming, and no live gauge."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # only removes its files: no metric is updated here
     settings = settings_module.from_env()
     try:
         count = db.cancel_streaming(settings.database_url, "server_restart", settings.instance_id, worker_pid=worker.pid)

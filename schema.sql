@@ -17,7 +17,9 @@ CREATE TABLE IF NOT EXISTS generations (
   worker_pid INTEGER NOT NULL,       -- the worker holding the stream ...
   instance_id TEXT NOT NULL DEFAULT '', -- ... on this instance (INSTANCE_ID)
   lease_seconds DOUBLE PRECISION,    -- the client's lease, if it asked for one
-  lease_expires DOUBLE PRECISION     -- epoch seconds on the store's clock
+  lease_expires DOUBLE PRECISION,    -- epoch seconds on the store's clock
+  client_addr TEXT,                  -- for MAX_STREAMS_PER_CLIENT, never shown by the API
+  usage_estimate TEXT                -- JSON: what is known when the provider reported no usage
 );
 CREATE INDEX IF NOT EXISTS generations_newest ON generations (started_at DESC);
 CREATE INDEX IF NOT EXISTS generations_streaming ON generations (status) WHERE status = 'streaming';

@@ -17,6 +17,7 @@ Needs gevent (and a monkey-patched or gevent socket, as gunicorn's gevent worker
 """
 import json
 import socket
+import time
 
 import gevent
 from gevent.queue import Empty, Queue
@@ -53,9 +54,10 @@ KEEPALIVE = ServerSentEvent(comment="keepalive").encode()
 class Cancelled(gevent.GreenletExit):
     """Raised inside the producer when its stream is stopped; `reason` says why."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, stopped_at=None):
         super().__init__(reason)
         self.reason = reason
+        self.stopped_at = stopped_at  # time.monotonic() when the stop was signalled
 
 
 _END = object()
@@ -83,6 +85,7 @@ class EventStream:
         self._queue = Queue()
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
+        self.stopped_at = None
         self.upstream = None  # the upstream response being read (set by iter_chunks)
         self._body = self._run()
 
@@ -96,7 +99,7 @@ class EventStream:
     def stop(self, reason):
         """End the stream for `reason`; callable from any greenlet."""
         if self.reason is None and self._producer is not None and not self._producer.dead:
-            self.reason = reason
+            self.reason, self.stopped_at = reason, time.monotonic()
             # urllib3 sets connection to None once it has pooled or closed it.
             connection = getattr(getattr(self.upstream, "raw", None), "connection", None)
             if getattr(connection, "sock", None) is not None:
@@ -111,14 +114,14 @@ class EventStream:
             else:
                 # Connecting or waiting for headers: Cancelled, raised where the producer
                 # waits, is what closes the connection.
-                self._producer.kill(Cancelled(reason), block=False)
+                self._producer.kill(Cancelled(reason, self.stopped_at), block=False)
 
     def _kill_when_idle(self, reason):
         when_idle()
         # Unless the producer has let go of the provider already (it took the provider's
         # reply to our FIN as the Stop): a kill now would only cut its last events short.
         if getattr(getattr(self.upstream, "raw", None), "connection", None) is not None:
-            self._producer.kill(Cancelled(reason), block=False)
+            self._producer.kill(Cancelled(reason, self.stopped_at), block=False)
 
     def _run(self):
         self._producer = gevent.spawn(self._produce)
@@ -246,10 +249,10 @@ def iter_chunks(response, ends=SSE_ENDS):
             yield chunk
     except Exception:
         if stream is not None and stream.reason:
-            raise Cancelled(stream.reason) from None  # the provider hung up on our FIN
+            raise Cancelled(stream.reason, stream.stopped_at) from None  # the provider hung up on our FIN
         raise
     if stream is not None and stream.reason:
-        raise Cancelled(stream.reason)  # the provider ended the body on our FIN
+        raise Cancelled(stream.reason, stream.stopped_at)  # the provider ended the body on our FIN
     if tail and not tail.endswith(ends):
         # sseclient-py would hand the partial event on as if it were whole.
         raise TruncatedStream("upstream closed the connection in the middle of an event")

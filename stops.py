@@ -12,6 +12,7 @@ import gevent
 from flask import Blueprint, current_app, jsonify
 
 import db
+import metrics
 
 log = logging.getLogger("relay")
 bp = Blueprint("stops", __name__)
@@ -22,9 +23,15 @@ _live = {}  # generation id -> EventStream, the streams this worker holds
 _watcher = {}  # pid -> the watcher greenlet, started on this worker's first stream
 
 
+def open_streams():
+    """Return the ids of the chat streams this worker holds now."""
+    return _live.keys()
+
+
 def track(settings, gen_id, stream):
     """Remember that this worker holds `gen_id`'s stream, and watch the store for stops to it."""
     _live[gen_id] = stream
+    metrics.OPEN_STREAMS.inc()
     if os.getpid() not in _watcher:
         _watcher[os.getpid()] = gevent.spawn(_watch, settings)
         if db.is_postgres(settings.database_url):
@@ -33,7 +40,8 @@ def track(settings, gen_id, stream):
 
 def untrack(gen_id):
     """Forget a stream once it has ended."""
-    _live.pop(gen_id, None)
+    if _live.pop(gen_id, None) is not None:
+        metrics.OPEN_STREAMS.dec()
 
 
 def _stop_local(gen_id, reason):

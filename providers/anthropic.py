@@ -26,6 +26,8 @@ def stream(settings, messages, max_tokens, info):
                 yield data["delta"]["text"]
             elif kind == "message_start":
                 usage.update(data["message"].get("usage") or {})
+                # Known from the start: a stopped message still has its input count.
+                info["input_tokens"] = usage.get("input_tokens")
             elif kind == "message_delta":
                 usage.update(data.get("usage") or {})
                 info["finish_reason"] = data["delta"].get("stop_reason")

@@ -84,7 +84,8 @@ function metaText(message) {
   const m = message.meta || {};
   const facts = [];
   if (m.ttft != null) facts.push(`first token ${Math.round(m.ttft)} ms`);
-  facts.push(`${m.tokens || 0} tokens`);
+  // A stopped answer's provider sends no usage: the server's lower bound says what was billed at least.
+  facts.push(m.atLeast != null ? `≥ ${m.atLeast} tokens` : `${m.tokens || 0} tokens`);
   if (m.duration != null) facts.push(`${(m.duration / 1000).toFixed(1)} s`);
   if (m.afterStop != null) facts.push(`model made ${m.afterStop} token${m.afterStop === 1 ? "" : "s"} after Stop`);
   return facts.join(" · ");
@@ -202,6 +203,7 @@ async function generate() {
         settle("error", { error: payload.message, errorType: payload.type });
       } else if (event === "cancelled") {
         settle("stopped"); // stopped by a stop request (another tab, a script) or a lapsed lease
+        reconcile(message);
       }
     }
     settle("error", { error: "The connection closed before the answer finished." });
@@ -243,6 +245,7 @@ async function reconcile(message) {
     const parts = views.get(message);
     if (parts) parts.text.textContent = record.text;
   }
+  if (record?.status === "cancelled" && record.usage_estimate) message.meta.atLeast = record.usage_estimate.output_tokens;
   if (demo && record?.status === "cancelled" && record.upstream_request_id) {
     let meter = null;
     for (let i = 0; i < 20 && (!meter || meter.status === "generating"); i++) {

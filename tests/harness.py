@@ -30,9 +30,13 @@ def wait_http(url, timeout=15, proc=None):
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
-def get_json(url):
+ADMIN_TOKEN = "test-admin-token"  # every Server below runs with it
+
+
+def get_json(url, token=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
         return json.load(exc)
@@ -77,7 +81,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
         self.db = env.get("GENERATIONS_DB") or str(tmp_path / f"gen-{self.port}.db")
-        self.env = {**os.environ, "BIND": f"{host}:{self.port}",
+        self.env = {**os.environ, "BIND": f"{host}:{self.port}", "ADMIN_TOKEN": ADMIN_TOKEN,
                     "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app]
@@ -106,6 +110,10 @@ class Server:
                 except OSError:
                     pass
         return kids
+
+    def list(self, query="limit=20"):
+        """Return the log's list answer, as the operator (ADMIN_TOKEN) sees it."""
+        return get_json(f"{self.url}/api/generations?{query}", token=ADMIN_TOKEN)
 
     def generation(self, gen_id):
         return get_json(f"{self.url}/api/generations/{gen_id}")

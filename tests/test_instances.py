@@ -82,7 +82,7 @@ def test_the_log_reads_the_same_from_both_instances(pair, proxy):
     for gen_id in ids:
         assert pair["a"].generation(gen_id) == pair["b"].generation(gen_id)
     assert {r["instance_id"] for r in (pair["a"].generation(i) for i in ids)} <= {"a", "b"}
-    lists = [get_json(f"{server.url}/api/generations?limit=50")["generations"] for server in pair.values()]
+    lists = [server.list("limit=50")["generations"] for server in pair.values()]
     assert lists[0] == lists[1] and {g["id"] for g in lists[0]} >= set(ids)
 
 

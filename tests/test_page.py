@@ -62,7 +62,7 @@ def wait_status(page, status, timeout=10):
 
 
 def latest_generation(server):
-    return get_json(server.url + "/api/generations?limit=1")["generations"][0]
+    return server.list("limit=1")["generations"][0]
 
 
 def test_send_streams_token_by_token_and_the_button_swaps(page):

@@ -243,7 +243,7 @@ def test_write_failure_is_the_second_line(relay, upstream):
     (b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}', "application/json", 413, "request_too_large"),
 ])
 def test_bad_requests_get_a_json_error_and_no_generation(relay, body, content_type, status, error_type):
-    before = get_json(relay.url + "/api/generations?limit=1000")["generations"]
+    before = relay.list("limit=1000")["generations"]
     s = SSE(relay.port, None, raw_body=body, content_type=content_type)
     assert s.status == status
     assert s.headers["content-type"] == "application/json"
@@ -252,7 +252,7 @@ def test_bad_requests_get_a_json_error_and_no_generation(relay, body, content_ty
         s._recv()
     error = json.loads(s.buf[:length])["error"]
     assert error["type"] == error_type and error["message"]
-    assert get_json(relay.url + "/api/generations?limit=1000")["generations"] == before
+    assert relay.list("limit=1000")["generations"] == before
 
 
 def test_a_client_may_name_its_generation_once(relay, upstream):
@@ -268,12 +268,12 @@ def test_generation_log_api(relay, upstream):
     for _ in range(3):
         s = SSE(relay.port, scenario(tag=tag(), tokens=1))
         ids.append(s.read_all()[0][1]["id"])
-    newest = get_json(relay.url + "/api/generations?limit=2")["generations"]
+    newest = relay.list("limit=2")["generations"]
     assert [g["id"] for g in newest] == ids[::-1][:2]
     assert set(newest[0]) >= {"id", "status", "cancel_reason", "provider", "model", "started_at", "first_token_at",
                               "ended_at", "chunks", "text", "error", "upstream_request_id"}
     assert get_json(relay.url + "/api/generations/nope")["error"]["type"] == "not_found"
-    assert get_json(relay.url + "/api/generations?limit=x")["error"]["type"] == "invalid_request"
+    assert relay.list("limit=x")["error"]["type"] == "invalid_request"
     assert get_json(relay.url + "/healthz")["status"] == "ok"
 
 

@@ -27,7 +27,7 @@ def deaf_proxy(tmp_path_factory):
 
 
 def newest(server):
-    return get_json(server.url + "/api/generations?limit=1")["generations"][0]
+    return server.list("limit=1")["generations"][0]
 
 
 def model_stopped(server, gen):

@@ -1,0 +1,196 @@
+"""Running it for many users: access to the log, the capacity guard, usage for stopped answers, metrics."""
+import json
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+import harness
+from conftest import require_binary
+from harness import ADMIN_TOKEN, SSE, Server, get_json, scenario
+
+
+def tag():
+    return uuid.uuid4().hex[:12]
+
+
+def request(url, method="GET", body=None, headers=None):
+    """Return (status, headers, parsed JSON or text) of one request."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, head, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, head, raw = exc.code, exc.headers, exc.read()
+    try:
+        return status, head, json.loads(raw)
+    except ValueError:
+        return status, head, raw.decode()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+# -- access to the log ---------------------------------------------------------------------
+
+def test_listing_the_log_needs_the_admin_token(relay):
+    gen_id = SSE(relay.port, scenario(tokens=2)).read_all()[0][1]["id"]
+    url = relay.url + "/api/generations?limit=5"
+    for headers in ({}, bearer("wrong"), bearer(ADMIN_TOKEN + "x"), {"Authorization": ADMIN_TOKEN}):
+        status, head, body = request(url, headers=headers)
+        assert status == 401 and body["error"]["type"] == "unauthorized", headers
+        assert head["WWW-Authenticate"].startswith("Bearer")
+    status, _, body = request(url, headers=bearer(ADMIN_TOKEN))
+    assert status == 200 and gen_id in [g["id"] for g in body["generations"]]
+    # One record stays readable by its id alone: the id is the capability.
+    assert get_json(f"{relay.url}/api/generations/{gen_id}")["id"] == gen_id
+
+
+def test_without_admin_token_the_list_is_forbidden_and_says_which_setting(upstream, tmp_path):
+    server = Server(tmp_path, ADMIN_TOKEN="", LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    try:
+        for path in ("/api/generations", "/metrics"):
+            status, _, body = request(server.url + path, headers=bearer("anything"))
+            assert status == 403 and body["error"]["type"] == "forbidden" and "ADMIN_TOKEN" in body["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_the_demo_model_is_served_only_when_it_is_the_provider(relay, demo_server):
+    status, _, body = request(relay.url + "/demo/v1/chat/completions", "POST", {"messages": []})
+    assert status == 404 and body["error"]["type"] == "not_found"
+    assert request(relay.url + "/demo/v1/requests/x")[0] == 404
+    assert request(demo_server.url + "/demo/v1/requests/x")[2]["error"]["type"] == "not_found"  # served there
+
+
+def test_log_retention_deletes_old_rows_text_included(upstream, tmp_path):
+    path = tmp_path / "old.db"
+    first = Server(tmp_path, GENERATIONS_DB=str(path), LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1",
+                   LLM_MODEL="m")
+    kept = SSE(first.port, scenario(tokens=2)).read_all()[0][1]["id"]
+    old = SSE(first.port, scenario(tokens=2)).read_all()[0][1]["id"]
+    first.wait_finished(old)
+    first.stop()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE generations SET started_at = '2020-01-01T00:00:00.000Z' WHERE id = ?", (old,))
+    conn.commit()
+    conn.close()
+    server = Server(tmp_path, GENERATIONS_DB=str(path), LOG_RETENTION_DAYS=30, LLM_PROVIDER="openai",
+                    LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    try:
+        gone = harness.poll(lambda: server.generation(old), lambda r: r.get("error"), 5)
+        assert gone["error"]["type"] == "not_found"
+        assert server.generation(kept)["status"] == "complete"
+        assert '"retention": "deleted", "rows": 1' in server.output()
+    finally:
+        server.stop()
+
+
+# -- the capacity guard --------------------------------------------------------------------
+
+def streaming_rows(server):
+    return [g for g in server.list("limit=1000")["generations"] if g["status"] == "streaming"]
+
+
+def test_a_full_worker_answers_503_at_once(upstream, tmp_path):
+    server = Server(tmp_path, MAX_STREAMS_PER_WORKER=2, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1",
+                    LLM_MODEL="m")
+    try:
+        held = [SSE(server.port, scenario(tokens=10, silence_after=1, silence=30)) for _ in range(2)]
+        for s in held:
+            s.read_until("delta")
+        began = time.monotonic()
+        status, head, body = request(server.url + "/api/chat", "POST", scenario(tag=(t := tag())))
+        assert status == 503 and body["error"]["type"] == "server_busy" and head["Retry-After"] == "5"
+        assert time.monotonic() - began < 1
+        assert upstream.record(t) == {}  # before any streaming: the provider never heard of it
+        assert len(streaming_rows(server)) == 2  # the refused chat left no row
+        held[0].close()
+        harness.poll(lambda: streaming_rows(server), lambda rows: len(rows) == 1, 5)
+        assert SSE(server.port, scenario(tokens=2)).read_all()[-1][0] == "done"  # room again
+        held[1].close()
+        assert harness.poll(lambda: streaming_rows(server), lambda rows: not rows, 5) == []
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited(upstream, tmp_path_factory):
+    """Two workers, two streams per client, behind one trusted proxy."""
+    server = Server(tmp_path_factory.mktemp("limited"), workers=2, MAX_STREAMS_PER_CLIENT=2, TRUSTED_PROXIES=1,
+                    LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    proxy = harness.Nginx(require_binary("nginx"), tmp_path_factory.mktemp("nginx-limited"), server)
+    yield server, proxy
+    proxy.stop()
+    server.stop()
+
+
+def test_a_client_past_its_stream_limit_gets_429_across_workers(limited, upstream):
+    server, proxy = limited
+    held = []
+    for _ in range(2):
+        held.append(SSE(proxy.port, scenario(tokens=10, silence_after=1, silence=30)))
+        held[-1].read_until("delta")
+    assert len({server.generation(s_id)["worker_pid"] for s_id in streaming_ids(server)}) >= 1
+    t = tag()
+    # A client that forges X-Forwarded-For still counts as itself: nginx appends the real address.
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    refused = SSE(proxy.port, scenario(tag=t), headers=spoof, wait_for_headers=True)
+    assert refused.status == 429 and refused.headers["retry-after"] == "5"
+    assert json.loads(refused.sock.recv(65536) if not refused.buf else refused.buf)["error"]["type"] == "too_many_streams"
+    assert upstream.record(t) == {}
+    assert len(streaming_ids(server)) == 2
+    held[0].close()
+    harness.poll(lambda: streaming_ids(server), lambda ids: len(ids) == 1, 5)
+    assert SSE(proxy.port, scenario(tokens=2), headers=spoof).read_all()[-1][0] == "done"  # under the limit again
+    held[1].close()
+    assert harness.poll(lambda: streaming_ids(server), lambda ids: not ids, 5) == []
+
+
+def streaming_ids(server):
+    return [g["id"] for g in streaming_rows(server)]
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+def test_a_deeply_nested_body_is_a_clear_400(relay):
+    for body in (b"[" * 100_000, b"{\"a\":" * 100_000, b"[" * 100_000 + b"]" * 100_000):
+        s = SSE(relay.port, None, raw_body=body)
+        assert s.status == 400
+    status, _, answer = request(relay.url + "/api/chat", "POST", None)
+    assert "Traceback" not in relay.output() and "RecursionError" not in relay.output()
+
+
+# -- usage for stopped answers -------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_stopped_answer_keeps_usage_null_and_estimates_what_is_known(upstream, tmp_path, provider):
+    base = upstream.url + ("/v1" if provider == "openai" else "")
+    server = Server(tmp_path, LLM_PROVIDER=provider, LLM_BASE_URL=base, LLM_MODEL="m", LLM_API_KEY="k")
+    try:
+        s = SSE(server.port, scenario(tokens=100, interval=0.02))
+        events = s.read_until("delta", 5)
+        s.close()
+        gen = server.wait_finished(events[0][1]["id"])
+        assert gen["status"] == "cancelled" and gen["usage"] is None
+        estimate = gen["usage_estimate"]
+        assert estimate["output_tokens"] == gen["chunks"] >= 5 and "lower bound" in estimate["output_tokens_method"]
+        if provider == "anthropic":
+            assert estimate["input_tokens"] == 11 and "message_start" in estimate["input_tokens_source"]
+        else:
+            assert "input_tokens" not in estimate
+        line = [json.loads(l.split(" relay ", 1)[1]) for l in server.output().splitlines() if f'"generation": "{gen["id"]}"' in l][-1]
+        assert line["usage_estimate"] == estimate
+        done = SSE(server.port, scenario(tokens=3)).read_all()
+        assert server.generation(done[0][1]["id"])["usage_estimate"] is None  # the provider reported usage
+    finally:
+        server.stop()
