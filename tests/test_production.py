@@ -194,3 +194,86 @@ def test_a_stopped_answer_keeps_usage_null_and_estimates_what_is_known(upstream,
         assert server.generation(done[0][1]["id"])["usage_estimate"] is None  # the provider reported usage
     finally:
         server.stop()
+
+
+# -- Prometheus metrics --------------------------------------------------------------------
+
+def samples(text):
+    """Parse Prometheus text into {(name, frozenset(labels)): value}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$', line)
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        out[(m.group(1), labels)] = float(m.group(4))
+    return out
+
+
+def value(metrics, name, **labels):
+    return sum(v for (n, ls), v in metrics.items() if n == name and set(labels.items()) <= ls)
+
+
+def test_metrics_add_up_every_workers_traffic_and_pass_promtool(upstream, tmp_path):
+    server = Server(tmp_path, workers=2, METRICS_TOKEN="scrape-token", KEEPALIVE_SECONDS=0.5, LLM_PROVIDER="openai",
+                    LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    try:
+        for _ in range(4):  # 4 complete, 3 pieces each: usage reported by the provider
+            assert SSE(server.port, scenario(tokens=3)).read_all()[-1][0] == "done"
+        cut = []
+        for _ in range(2):  # 2 stopped by their client after 2 pieces: usage estimated
+            s = SSE(server.port, scenario(tokens=100, interval=0.05))
+            cut.append(s.read_until("delta", 2)[0][1]["id"])
+            s.close()
+        s = SSE(server.port, scenario(tokens=100, interval=0.05))  # 1 stopped by a stop request
+        stopped = s.read_until("delta", 2)[0][1]["id"]
+        request(f"{server.url}/api/generations/{stopped}/stop", "POST")
+        s.read_all()
+        assert SSE(server.port, scenario(tokens=2, end="error")).read_all()[-1][0] == "error"  # 1 provider error
+        for gen_id in [*cut, stopped]:
+            server.wait_finished(gen_id)
+        time.sleep(0.3)  # the metrics of a generation are counted when its row is written
+        assert request(server.url + "/metrics")[0] == 401
+        assert request(server.url + "/metrics", headers=bearer("wrong"))[0] == 401
+        assert request(server.url + "/metrics", headers=bearer(ADMIN_TOKEN))[0] == 200
+        status, head, text = request(server.url + "/metrics", headers=bearer("scrape-token"))
+        assert status == 200 and head["Content-Type"].startswith("text/plain")
+        m = samples(text)
+        assert value(m, "relay_generations_total", status="complete") == 4
+        assert value(m, "relay_generations_total", status="cancelled", cancel_reason="client_disconnect") == 2
+        assert value(m, "relay_generations_total", status="cancelled", cancel_reason="stop_request") == 1
+        assert value(m, "relay_generations_total", status="error") == 1
+        assert value(m, "relay_provider_errors_total", type="server_error") == 1
+        pieces = sum(server.generation(i)["chunks"] for i in [*cut, stopped])
+        assert value(m, "relay_text_pieces_total") == 4 * 3 + pieces + 2
+        assert value(m, "relay_output_tokens_total", source="provider") == 4 * 3
+        assert value(m, "relay_output_tokens_total", source="estimate") == pieces + 2
+        assert value(m, "relay_stop_to_upstream_close_seconds_count", signal="disconnect") == 2
+        assert value(m, "relay_stop_to_upstream_close_seconds_count", signal="stop_request") == 1
+        assert value(m, "relay_time_to_first_token_seconds_count") == 8
+        assert value(m, "relay_generation_duration_seconds_count") == 8
+        assert value(m, "relay_open_streams") == 0
+        workers = {server.generation(i)["worker_pid"] for i in [*cut, stopped]}
+        # Neither ids, prompts nor addresses in labels.
+        assert not any(gen_id in text for gen_id in [*cut, stopped]) and "127.0.0.1" not in text
+        promtool = require_binary("promtool")
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert workers  # (which workers served is the kernel's choice; the sums above hold either way)
+    finally:
+        server.stop()
+
+
+def test_open_streams_gauge_counts_live_streams_across_workers(upstream, tmp_path):
+    server = Server(tmp_path, workers=2, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m")
+    try:
+        held = [SSE(server.port, scenario(tokens=10, silence_after=1, silence=30)) for _ in range(3)]
+        for s in held:
+            s.read_until("delta")
+        scrape = lambda: samples(request(server.url + "/metrics", headers=bearer(ADMIN_TOKEN))[2])  # noqa: E731
+        assert value(scrape(), "relay_open_streams") == 3
+        for s in held:
+            s.close()
+        assert value(harness.poll(scrape, lambda m: value(m, "relay_open_streams") == 0, 5), "relay_open_streams") == 0
+    finally:
+        server.stop()
