@@ -13,15 +13,29 @@ This module holds the links that live in the worker:
   upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
                       that ends mid-event, so no truncated event is ever relayed.
 
-Needs gevent (and a monkey-patched or gevent socket, as gunicorn's gevent worker gives).
+Servers: gunicorn's gevent worker (monkey-patched: the fast path, everything on one loop);
+gunicorn's gthread worker and `flask run` (threads: the producer gets a thread of its own,
+one watcher thread per process polls every client socket, and a Stop shuts the provider's
+socket down so the thread blocked on it wakes, then raises Cancelled in that thread).
+A server that can't serve a stream (gunicorn's sync worker) gets a clear error.
 """
+import ctypes
 import json
+import logging
+import os
+import queue
+import selectors
 import socket
+import threading
 import time
 
 import gevent
 from gevent.queue import Empty, Queue
 from sseclient import SSEClient
+import urllib3.connection
+import urllib3.util.connection
+
+log = logging.getLogger("sse")
 
 
 class ServerSentEvent:
@@ -70,24 +84,65 @@ def stop_all(reason="server_shutdown"):
         stream.stop(reason)
 
 
+class UnsupportedServer(RuntimeError):
+    """The WSGI server can't serve a stream whose Stop stops; the message says why and what to run."""
+
+
+def _cooperative():
+    """Tell whether sockets are gevent's (monkey-patched), so greenlets can run the stream."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
+
+
+SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+_warned = set()
+
+
+def _check_server(environ):
+    """Return True for the greenlet path, False for threads; raise UnsupportedServer for a server that can't stream."""
+    if _cooperative():
+        return True
+    if not isinstance(gevent.getcurrent(), gevent.Greenlet) and environ.get("wsgi.multithread"):
+        return False
+    if isinstance(gevent.getcurrent(), gevent.Greenlet):
+        raise UnsupportedServer("a gevent server without monkey-patching: the provider's socket would block the whole"
+                                " worker. Call gevent.monkey.patch_all() first (gunicorn -k gevent does), or run"
+                                " gunicorn -k gthread.")
+    raise UnsupportedServer("this server runs one request at a time per process (gunicorn's sync worker, or"
+                            " flask run --without-threads): a stream holds it, and gunicorn's sync `timeout` (30 s by"
+                            " default) kills any longer stream. Run gunicorn -k gevent (one process, many streams) or"
+                            " gunicorn -k gthread --threads N.")
+
+
 class EventStream:
     """A WSGI response body that relays `events` (an iterator of ServerSentEvent).
 
-    The events run in their own greenlet beside a watcher of the client socket; whichever
-    ends first ends the other. Keepalive comments fill any silence of `keepalive` seconds.
+    The events run in their own greenlet (or thread) beside a watcher of the client socket;
+    whichever ends first ends the other. Keepalive comments fill any silence of `keepalive` seconds.
     """
 
     def __init__(self, events, environ, keepalive=15.0):
         self._events = events
+        self._threads = not _check_server(environ)
         # gunicorn passes the client socket; so does werkzeug's dev server.
-        self._sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        self._sock = next((environ[key] for key in SOCKET_KEYS if environ.get(key) is not None), None)
+        if self._sock is None and environ.get("SERVER_SOFTWARE") not in _warned:
+            _warned.add(environ.get("SERVER_SOFTWARE"))
+            log.warning("no client socket in the WSGI environ (looked for %s) under %s: a client that leaves is"
+                        " noticed only when a write fails", " or ".join(SOCKET_KEYS), environ.get("SERVER_SOFTWARE"))
         self._keepalive = keepalive
-        self._queue = Queue()
+        self._queue = queue.Queue() if self._threads else Queue()
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
         self.stopped_at = None
         self.upstream = None  # the upstream response being read (set by iter_chunks)
-        self._body = self._run()
+        self._upstream_sock = None  # threads: the provider's socket, from before it connects
+        self._lock = threading.Lock()
+        self._producing = False
+        self._body = self._run_threads() if self._threads else self._run()
 
     def __iter__(self):
         return self._body
@@ -97,7 +152,9 @@ class EventStream:
         self._body.close()
 
     def stop(self, reason):
-        """End the stream for `reason`; callable from any greenlet."""
+        """End the stream for `reason`; callable from any greenlet or thread."""
+        if self._threads:
+            return self._stop_thread(reason)
         if self.reason is None and self._producer is not None and not self._producer.dead:
             self.reason, self.stopped_at = reason, time.monotonic()
             # urllib3 sets connection to None once it has pooled or closed it.
@@ -157,6 +214,187 @@ class EventStream:
     def _produce(self):
         for event in self._events:
             self._queue.put(event)
+
+    # -- threads (gunicorn -k gthread, flask run) ------------------------------------------
+
+    def _run_threads(self):
+        self._producing = True
+        self._producer = threading.Thread(target=self._produce_thread, name="sse-producer", daemon=True)
+        self._producer.start()
+        if self._sock is not None:
+            _ThreadWatcher.get().add(self._sock, self)
+        _live.add(self)
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=None if self.reason else self._keepalive)
+                except queue.Empty:
+                    yield KEEPALIVE
+                    continue
+                if item is _END:
+                    return
+                if self.reason != "client_disconnect":
+                    yield item.encode()
+        except GeneratorExit:
+            self.stop("client_disconnect")  # a write failed: the second line of detection
+            raise
+        finally:
+            _live.discard(self)
+            if self._sock is not None:
+                _ThreadWatcher.get().remove(self._sock)
+            self.stop("client_disconnect")
+            self._producer.join()
+
+    def _produce_thread(self):
+        _current.stream = self  # so the urllib3 hook and iter_chunks find this stream
+        try:
+            try:
+                for event in self._events:
+                    self._queue.put(event)
+            finally:
+                with self._lock:  # from here on no Cancelled is raised into this thread
+                    self._producing = False
+        except Cancelled:
+            pass  # raised by _stop_thread where the producer was, after the events' own handlers
+        finally:
+            _current.stream = None
+            self._queue.put(_END)
+
+    def _stop_thread(self, reason):
+        with self._lock:
+            if self.reason is not None or not self._producing:
+                return
+            self.reason, self.stopped_at = reason, time.monotonic()
+            # Cancelled is raised in the producer thread as soon as it runs Python again,
+            # wherever it is, as a greenlet kill would be...
+            # https://docs.python.org/3/c-api/init.html#c.PyThreadState_SetAsyncExc
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._producer.ident),
+                                                       ctypes.py_object(_cancelled_class(reason, self.stopped_at)))
+            sock = self._upstream_sock
+        # ... and a thread blocked on the provider's socket runs Python again once the socket
+        # is shut down: connecting (Linux aborts a SYN_SENT connect), waiting for headers,
+        # reading the body. The provider sees the connection close now.
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected yet or already gone: the raised Cancelled ends it
+
+
+def _cancelled_class(reason, stopped_at):
+    """A Cancelled subclass that knows its reason: PyThreadState_SetAsyncExc takes a class."""
+    return type("Cancelled", (Cancelled,), {"__init__": lambda self: Cancelled.__init__(self, reason, stopped_at)})
+
+
+_current = threading.local()  # threads: the stream whose producer runs in this thread
+_set_socket_options = urllib3.util.connection._set_socket_options
+
+
+def _register_upstream_socket(sock, options):
+    """urllib3 calls this with every new socket before it connects: a producer thread's Stop can then reach it."""
+    # urllib3/util/connection.py create_connection(): socket(), _set_socket_options(), connect().
+    stream = getattr(_current, "stream", None)
+    if stream is not None:
+        stream._upstream_sock = sock
+    _set_socket_options(sock, options)
+
+
+urllib3.util.connection._set_socket_options = _register_upstream_socket
+_request = urllib3.connection.HTTPConnection.request
+
+
+def _request_on_a_kept_alive_socket(conn, *args, **kwargs):
+    """urllib3 sends every request through this; a connection reused from the pool made no new socket."""
+    stream = getattr(_current, "stream", None)
+    if stream is not None and conn.sock is not None:
+        stream._upstream_sock = conn.sock
+    return _request(conn, *args, **kwargs)
+
+
+urllib3.connection.HTTPConnection.request = _request_on_a_kept_alive_socket
+
+
+class _ThreadWatcher:
+    """One thread per process that watches every stream's client socket and stops the streams whose client left."""
+
+    _instance = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls):
+        """Return this process's watcher, starting it on first use (and again after a fork)."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance.pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._pending = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, name="sse-watcher", daemon=True).start()
+
+    def add(self, sock, stream):
+        """Watch `sock` until remove(); its EOF or error stops `stream`."""
+        _detect_dead_peer(sock)
+        self._change(("add", sock.fileno(), sock, stream))
+
+    def remove(self, sock):
+        """Stop watching `sock` (its response has ended)."""
+        self._change(("remove", sock.fileno(), sock, None))
+
+    def _change(self, change):
+        # Only the watcher thread touches the selector: others queue changes and wake it.
+        with self._lock:
+            self._pending.append(change)
+        self._wake_w.send(b"x")
+
+    def _loop(self):
+        watched = {}  # fd -> the socket registered for it now
+        while True:
+            try:
+                self._turn(watched)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one stream's oddity
+                log.exception("sse watcher: unexpected error; watching on")
+
+    def _turn(self, watched):
+        for key, _ in self._selector.select():
+            if key.data is None:
+                self._apply_changes(watched)
+                continue
+            sock, stream = key.data
+            if watched.get(key.fd) is not sock:
+                continue  # unregistered earlier in this same turn
+            try:
+                gone = not _os_socket(sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                gone = True
+            del watched[key.fd]
+            self._selector.unregister(key.fd)  # pipelined bytes keep it readable: the write path is left
+            if gone:
+                stream.stop("client_disconnect")
+
+    def _apply_changes(self, watched):
+        while True:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                break
+        with self._lock:
+            changes, self._pending = self._pending, []
+        for kind, fd, sock, stream in changes:
+            if watched.get(fd) is not None and (kind == "add" or watched[fd] is sock):
+                self._selector.unregister(fd)  # ended, or its fd already reused by a new one
+                del watched[fd]
+            if kind == "add":
+                self._selector.register(fd, selectors.EVENT_READ, (sock, stream))
+                watched[fd] = sock
 
 
 def when_idle(at_most=0.05):
@@ -239,7 +477,7 @@ def iter_chunks(response, ends=SSE_ENDS):
     """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end."""
     # read1 returns whatever has arrived, for chunked and close-delimited bodies alike;
     # iterating the response or SSEClient(response) reads fixed blocks and batches events.
-    stream = getattr(gevent.getcurrent(), "event_stream", None)
+    stream = getattr(gevent.getcurrent(), "event_stream", None) or getattr(_current, "stream", None)
     if stream is not None:
         stream.upstream = response  # so a Stop can send the provider its FIN at once
     tail = b""
