@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench
+.PHONY: run dev test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.run
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# The demo app for people working on it: one gevent worker that restarts on every code change.
+dev: $(VENV)/.run
+	WEB_CONCURRENCY=1 $(BIN)/gunicorn -c gunicorn.conf.py --reload wsgi:app
+
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/cancel.py
+	$(BIN)/python bench/stop.py
+	$(BIN)/python bench/servers.py

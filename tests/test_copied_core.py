@@ -94,6 +94,7 @@ def test_stop_closes_the_provider_connection_in_every_phase(app, upstream, phase
     t = tag()
     kw = {"tokens flowing": {"tokens": 1000, "interval": 0.02}, "before headers": {"header_delay": 30},
           "silence": {"tokens": 10, "silence_after": 2, "silence": 30}}[phase]
+    told = app.output().count("stopped: client_disconnect")
     s = SSE(app.port, scenario(tag=t, **kw), path="/stream", wait_for_headers=False)
     if phase == "before headers":
         poll(lambda: upstream.record(t), lambda r: r.get("tag"), 5)  # the provider has the request
@@ -105,7 +106,9 @@ def test_stop_closes_the_provider_connection_in_every_phase(app, upstream, phase
     rec = upstream.wait_closed(t, timeout=3)
     assert rec.get("closed_at") is not None, f"{app.name}: the provider was never told ({phase})"
     assert rec["closed_at"] - closed < 0.1, (app.name, phase, rec["closed_at"] - closed)
-    assert "stopped: client_disconnect" in poll(app.output, lambda out: "stopped: client_disconnect" in out, 2)
+    # The app's own `except Cancelled` ran, in this phase too.
+    out = poll(app.output, lambda out: out.count("stopped: client_disconnect") > told, 2)
+    assert out.count("stopped: client_disconnect") == told + 1, (app.name, phase)
 
 
 def test_keepalives_fill_a_silence(app, upstream):
@@ -172,3 +175,30 @@ def test_gunicorns_sync_worker_gets_a_clear_error(upstream, tmp_path):
         assert upstream.record(t) == {}
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("server", ["gthread", "flask run"])
+def test_stop_while_connecting_abandons_the_connect_under_threads(upstream, tmp_path, server):
+    """An upstream whose accept queue is full leaves connect() hanging; Stop must wake the thread in it."""
+    from test_relay import connections_to
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    filler = [socket.socket() for _ in range(2)]
+    for f in filler:  # fill the accept queue; later SYNs are dropped and connect() hangs
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+    app = CopiedApp(tmp_path, server, upstream, UPSTREAM_URL=f"http://127.0.0.1:{port}/v1/chat/completions")
+    try:
+        pid = int(poll(lambda: _children(app.proc.pid), bool, 5)[0]) if server == "gthread" else app.proc.pid
+        s = SSE(app.port, scenario(), path="/stream", wait_for_headers=False)
+        assert poll(lambda: connections_to(port, pid), bool, 3), "the app should be stuck connecting"
+        s.close()
+        assert poll(lambda: connections_to(port, pid), lambda c: not c, 1) == [], "the connect was not abandoned"
+        assert "stopped: client_disconnect" in poll(app.output, lambda o: "stopped: client_disconnect" in o, 2)
+    finally:
+        app.stop()
+        for f in filler:
+            f.close()
+        blackhole.close()
