@@ -6,6 +6,7 @@ import re
 import socket
 import time
 import uuid
+from functools import partial
 
 import gevent
 from flask import Flask, Response, jsonify, render_template, request
@@ -16,6 +17,7 @@ import auth
 import config
 import db
 import demo
+import diagnostics
 import metrics
 import providers
 import stops
@@ -83,8 +85,11 @@ def _ms(start, end):
     return None if start is None or end is None else round((end - start) * 1000, 1)
 
 
-def generation(settings, gen_id, messages, max_tokens, stopped=""):
-    """Yield one generation's events, and finish its row in the log (before the last event) whatever ends it."""
+def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):
+    """Yield one generation's events, and finish its row in the log (before the last event) whatever ends it.
+
+    `source(info)` gives the text pieces; by default the configured provider's (diagnostics.py ticks instead).
+    """
     started, first = time.monotonic(), None
     pieces, info = [], {}
     row = {"status": "complete", "cancel_reason": None, "error": None}
@@ -93,7 +98,7 @@ def generation(settings, gen_id, messages, max_tokens, stopped=""):
     try:
         if stopped:
             raise Cancelled(stopped)  # a stop came before its chat: the provider is never asked
-        for text in providers.stream(settings, messages, max_tokens, info):
+        for text in (source or partial(providers.stream, settings, messages, max_tokens))(info):
             if first is None:
                 first, row["first_token_at"] = time.monotonic(), db.now()
             pieces.append(text)
@@ -209,6 +214,7 @@ def create_app(settings=None):
         demo.init_app(app)  # the demo model's routes exist only when it is the provider
     stops.init_app(app)
     metrics.init_app(app)
+    diagnostics.init_app(app)
     if settings.log_retention_days:
         start_retention(settings)
 
@@ -246,42 +252,17 @@ def create_app(settings=None):
     def chat():
         if not request.is_json:
             return error_response(415, "unsupported_media_type", "send the body as application/json")
+        body = read_json()
+        if isinstance(body, dict) and "diagnostic" in body:
+            return diagnostics.stream(body)  # the doctor's stream: same route, same proxies, no tokens
         try:
-            messages, max_tokens, gen_id, lease = parse_chat_request(read_json())
+            messages, max_tokens, gen_id, lease = parse_chat_request(body)
         except BadRequest as exc:
             return error_response(400, "invalid_request", str(exc))
-        if len(stops.open_streams()) >= settings.max_streams_per_worker:
-            metrics.REJECTED.labels("server_busy").inc()
-            response = error_response(503, "server_busy", "this worker has as many open streams as it takes"
-                                      " (MAX_STREAMS_PER_WORKER); retry shortly")
-            return (*response, {"Retry-After": "5"})
         run = settings
         if settings.provider == "demo" and not settings.base_url:
             run = dataclasses.replace(settings, base_url=_own_url(request.environ) + "/demo/v1")
-        gen_id = gen_id or "gen_" + uuid.uuid4().hex
-        try:
-            stopped = db.start_generation(settings.database_url, gen_id, settings.provider, settings.model,
-                                          settings.instance_id, lease, request.remote_addr,
-                                          settings.max_streams_per_client)
-        except db.Unavailable as exc:
-            # Never a stream that could be neither logged nor stopped.
-            log.error("chat refused: the store is unavailable: %s", exc)
-            metrics.REJECTED.labels("log_unavailable").inc()
-            return error_response(503, "log_unavailable",
-                                  "the generation log is unavailable, so the answer could not be logged or stopped; retry shortly")
-        except db.IdTaken:
-            return error_response(409, "conflict", f"a generation with id {gen_id} exists already")
-        except db.ClientLimit:
-            metrics.REJECTED.labels("too_many_streams").inc()
-            response = error_response(429, "too_many_streams", "this client has as many streams open as it may"
-                                      " (MAX_STREAMS_PER_CLIENT); stop one or retry later")
-            return (*response, {"Retry-After": "5"})
-        stream = EventStream(generation(run, gen_id, messages, max_tokens, stopped), request.environ, settings.keepalive)
-        stops.track(settings, gen_id, stream)
-        return Response(stream,
-                        mimetype="text/event-stream",
-                        # X-Accel-Buffering: nginx must pass each event on at once.
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return open_stream(run, gen_id, lease, partial(generation, run, messages=messages, max_tokens=max_tokens))
 
     @app.get("/api/generations")
     def generations():
@@ -302,6 +283,39 @@ def create_app(settings=None):
         return jsonify(record)
 
     return app
+
+
+def open_stream(settings, gen_id, lease, events):
+    """Record a new generation and return its event stream, or the JSON error that refused it before any streaming.
+
+    `events(gen_id=..., stopped=...)` makes the generation's events (generation() with its source).
+    """
+    if len(stops.open_streams()) >= settings.max_streams_per_worker:
+        metrics.REJECTED.labels("server_busy").inc()
+        response = error_response(503, "server_busy", "this worker has as many open streams as it takes"
+                                  " (MAX_STREAMS_PER_WORKER); retry shortly")
+        return (*response, {"Retry-After": "5"})
+    gen_id = gen_id or "gen_" + uuid.uuid4().hex
+    try:
+        stopped = db.start_generation(settings.database_url, gen_id, settings.provider, settings.model,
+                                      settings.instance_id, lease, request.remote_addr, settings.max_streams_per_client)
+    except db.Unavailable as exc:
+        # Never a stream that could be neither logged nor stopped.
+        log.error("chat refused: the store is unavailable: %s", exc)
+        metrics.REJECTED.labels("log_unavailable").inc()
+        return error_response(503, "log_unavailable",
+                              "the generation log is unavailable, so the answer could not be logged or stopped; retry shortly")
+    except db.IdTaken:
+        return error_response(409, "conflict", f"a generation with id {gen_id} exists already")
+    except db.ClientLimit:
+        metrics.REJECTED.labels("too_many_streams").inc()
+        response = error_response(429, "too_many_streams", "this client has as many streams open as it may"
+                                  " (MAX_STREAMS_PER_CLIENT); stop one or retry later")
+        return (*response, {"Retry-After": "5"})
+    stream = EventStream(events(gen_id=gen_id, stopped=stopped), request.environ, settings.keepalive)
+    stops.track(settings, gen_id, stream)
+    # X-Accel-Buffering: nginx must pass each event on at once.
+    return Response(stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def start_retention(settings):
