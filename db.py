@@ -55,19 +55,42 @@ def _sqlite_path(url):
     return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
 
 
-def _sqlite_run(path, statements):
-    """Run statements in one transaction on their own SQLite connection; return the last one's (rows, rows changed)."""
+_threads = threading.local()  # in gevent's thread pool: each thread keeps its own connections
+
+
+def _sqlite_connect(path):
+    conn = sqlite3.connect(path, timeout=10)
+    # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
+    # a power cut can lose the last few log rows, never a stream.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _sqlite_run(path, statements, keep=False):
+    """Run statements in one transaction on SQLite; return the last one's (rows, rows changed).
+
+    keep: reuse this thread's connection (the thread pool's threads live as long as the
+    worker); otherwise a connection of its own, closed after (gunicorn's master, which forks).
+    """
+    conns = getattr(_threads, "conns", None) if keep else None
     try:
-        with sqlite3.connect(path, timeout=10) as conn:
-            # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
-            # a power cut can lose the last few log rows, never a stream.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.row_factory = sqlite3.Row
-            for sql, args in statements:
-                cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
-                rows = [dict(row) for row in cursor.fetchall()]
-        conn.close()
+        conn = conns.get(path) if conns is not None else None
+        if conn is None:
+            conn = _sqlite_connect(path)
+            if keep:
+                _threads.conns = {**(conns or {}), path: conn}
+        try:
+            with conn:
+                for sql, args in statements:
+                    cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
+                    rows = [dict(row) for row in cursor.fetchall()]
+        finally:
+            if not keep:
+                conn.close()
     except sqlite3.Error as exc:
+        if keep:
+            getattr(_threads, "conns", {}).pop(path, None)  # a broken connection is not reused
         raise Unavailable(f"sqlite: {exc}") from exc
     return rows, cursor.rowcount
 
@@ -153,7 +176,7 @@ def run(url, sql, args=(), pooled=True, then=()):
         import gevent
 
         # sqlite3 blocks its thread: in gevent's thread pool disk waits never stall the loop.
-        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements))
+        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements, True))
     return _sqlite_run(_sqlite_path(url), statements)
 
 
@@ -304,18 +327,16 @@ def renew_lease(url, gen_id):
     return get_generation(url, gen_id)
 
 
-def stops_since(url, since):
-    """Return (ids and reasons of stops recorded after `since`, the store's time now)."""
+def stops_since(url, since, instance_id, worker_pid):
+    """Return (stops recorded after `since`, with leases of this worker that ran out, as (id, reason); the store's time now).
+
+    One query, as the watcher of every worker runs it several times a second.
+    """
     rows = execute(url, "SELECT id, reason, {now} AS clock FROM stops WHERE requested_at > ?"
-                        " UNION ALL SELECT NULL, NULL, {now}", (since,))
+                        " UNION ALL SELECT id, 'lease_expired', {now} FROM generations WHERE status = 'streaming'"
+                        " AND instance_id = ? AND worker_pid = ? AND lease_expires < {now}"
+                        " UNION ALL SELECT NULL, NULL, {now}", (since, instance_id, worker_pid))
     return [(r["id"], r["reason"]) for r in rows if r["id"] is not None], rows[-1]["clock"]
-
-
-def expired_leases(url, instance_id, worker_pid):
-    """Return the ids of one worker's streaming generations whose lease ran out."""
-    rows = execute(url, "SELECT id FROM generations WHERE status = 'streaming' AND instance_id = ?"
-                        " AND worker_pid = ? AND lease_expires < {now}", (instance_id, worker_pid))
-    return [row["id"] for row in rows]
 
 
 def listen(url, on_id, running):

@@ -18,7 +18,9 @@ log = logging.getLogger("relay")
 bp = Blueprint("stops", __name__)
 
 # Re-check period: SQLite has no push signal, so its re-check is the signal between workers.
-POLL = {"sqlite": 0.05, "postgres": 0.25}
+# 0.1 s: a query 10 times a second per worker holding streams, whose GIL time every Stop on
+# that worker waits behind (measured: at 0.05 s, with two queries, one stream's cancel p99 rose).
+POLL = {"sqlite": 0.1, "postgres": 0.25}
 _live = {}  # generation id -> EventStream, the streams this worker holds
 _watcher = {}  # pid -> the watcher greenlet, started on this worker's first stream
 
@@ -64,15 +66,13 @@ def _watch(settings):
             continue
         try:
             if since is None:
-                since = db.stops_since(url, 1e12)[1] - 2
-            stopped, clock = db.stops_since(url, since)
+                since = db.stops_since(url, 1e12, settings.instance_id, os.getpid())[1] - 2
+            stopped, clock = db.stops_since(url, since, settings.instance_id, os.getpid())
             for gen_id, reason in stopped:
-                _stop_local(gen_id, reason)
+                if gen_id in _live and (reason != "lease_expired" or db.cancel(url, gen_id, reason)):
+                    _stop_local(gen_id, reason)
             # Two seconds back: a stop stamped earlier may commit after this read.
             since = clock - 2
-            for gen_id in db.expired_leases(url, settings.instance_id, os.getpid()):
-                if db.cancel(url, gen_id, "lease_expired"):
-                    _stop_local(gen_id, "lease_expired")
         except Exception as exc:  # noqa: BLE001 - the store down, or anything: keep watching
             log.warning("stop watcher: %s; retrying", str(exc).strip())
             gevent.sleep(1)

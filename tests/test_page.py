@@ -107,6 +107,8 @@ def test_stop_keeps_the_partial_answer_and_the_model_really_stops(page, demo_ser
     assert meter["status"] == "disconnected" and meter["tokens_after_disconnect"] <= 1
     answer = last_answer(page)
     answer.get_by_text(re.compile(r"model made \d tokens? after Stop")).wait_for()
+    # The provider sent no usage for the cut answer: the server's lower bound is shown.
+    assert f"≥ {gen['usage_estimate']['output_tokens']} tokens" in answer.inner_text()
     assert answer.locator(".badge").inner_text() == "Stopped"
     assert answer.get_by_role("button", name="Regenerate").is_visible()
     assert page.get_by_role("button", name="Send").is_visible()
