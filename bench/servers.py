@@ -3,7 +3,7 @@
     .venv/bin/python bench/servers.py [--quick]
 
 The same measure as bench/cancel.py (client close -> the provider sees its connection close,
-one CLOCK_MONOTONIC), for gunicorn -k gevent, gunicorn -k gthread --threads 64 and
+one CLOCK_MONOTONIC), for gunicorn -k gevent, gunicorn -k gthread --threads 128 and
 flask run, each serving the copied app from an empty directory, as tests/test_copied_core.py does.
 """
 import argparse
@@ -31,7 +31,7 @@ def main():
     rows, bursts = [], []
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, loopback, the copied core (examples/myapp.py)")
-        for name, args_ in (("gunicorn -k gevent", ()), ("gunicorn -k gthread --threads 64", ("--threads", "64")),
+        for name, args_ in (("gunicorn -k gevent", ()), ("gunicorn -k gthread --threads 128", ("--threads", "128")),
                             ("flask run", ())):
             server = {"gunicorn -k gevent": "gevent", "flask run": "flask run"}.get(name, "gthread")
             (tmp / server).mkdir(exist_ok=True)
