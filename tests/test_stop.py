@@ -59,7 +59,7 @@ def test_a_stop_request_stops_the_stream_and_the_provider(relay, upstream):
 
 
 def test_a_stop_landing_on_the_worker_holding_the_stream_acts_at_once(relay, upstream):
-    """Not on the next re-check of the store (every 50 ms on SQLite): the worker stops its own stream."""
+    """Not on the next re-check of the store (every 100 ms on SQLite): the worker stops its own stream."""
     delays = []
     for _ in range(9):
         t = tag()
