@@ -55,42 +55,19 @@ def _sqlite_path(url):
     return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
 
 
-_threads = threading.local()  # in gevent's thread pool: each thread keeps its own connections
-
-
-def _sqlite_connect(path):
-    conn = sqlite3.connect(path, timeout=10)
-    # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
-    # a power cut can lose the last few log rows, never a stream.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def _sqlite_run(path, statements, keep=False):
-    """Run statements in one transaction on SQLite; return the last one's (rows, rows changed).
-
-    keep: reuse this thread's connection (the thread pool's threads live as long as the
-    worker); otherwise a connection of its own, closed after (gunicorn's master, which forks).
-    """
-    conns = getattr(_threads, "conns", None) if keep else None
+def _sqlite_run(path, statements):
+    """Run statements in one transaction on their own SQLite connection; return the last one's (rows, rows changed)."""
     try:
-        conn = conns.get(path) if conns is not None else None
-        if conn is None:
-            conn = _sqlite_connect(path)
-            if keep:
-                _threads.conns = {**(conns or {}), path: conn}
-        try:
-            with conn:
-                for sql, args in statements:
-                    cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
-                    rows = [dict(row) for row in cursor.fetchall()]
-        finally:
-            if not keep:
-                conn.close()
+        with sqlite3.connect(path, timeout=10) as conn:
+            # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
+            # a power cut can lose the last few log rows, never a stream.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
+            for sql, args in statements:
+                cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
+                rows = [dict(row) for row in cursor.fetchall()]
+        conn.close()  # no connection outlives its call: nothing held per thread of the pool
     except sqlite3.Error as exc:
-        if keep:
-            getattr(_threads, "conns", {}).pop(path, None)  # a broken connection is not reused
         raise Unavailable(f"sqlite: {exc}") from exc
     return rows, cursor.rowcount
 
@@ -176,7 +153,7 @@ def run(url, sql, args=(), pooled=True, then=()):
         import gevent
 
         # sqlite3 blocks its thread: in gevent's thread pool disk waits never stall the loop.
-        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements, True))
+        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements))
     return _sqlite_run(_sqlite_path(url), statements)
 
 

@@ -187,17 +187,7 @@ class EventStream:
         watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
         _live.add(self)
         try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=None if self.reason else self._keepalive)
-                except Empty:
-                    yield KEEPALIVE
-                    continue
-                if item is _END:
-                    return
-                # After a server shutdown the client is still there for the last events.
-                if self.reason != "client_disconnect":
-                    yield item.encode()
+            yield from self._relay()
         except GeneratorExit:
             self.stop("client_disconnect")  # a write failed: the second line of detection
             raise
@@ -210,6 +200,20 @@ class EventStream:
                 watcher.close()
             self.stop("client_disconnect")
             self._producer.join()  # the producer has closed the upstream and written its row
+
+    def _relay(self):
+        """Yield the producer's events as bytes, and a keepalive comment in each silence, until it ends."""
+        while True:
+            try:
+                item = self._queue.get(timeout=None if self.reason else self._keepalive)
+            except Empty:  # gevent's queue raises the stdlib's Empty too
+                yield KEEPALIVE
+                continue
+            if item is _END:
+                return
+            # After a server shutdown the client is still there for the last events.
+            if self.reason != "client_disconnect":
+                yield item.encode()
 
     def _produce(self):
         for event in self._events:
@@ -225,16 +229,7 @@ class EventStream:
             _ThreadWatcher.get().add(self._sock, self)
         _live.add(self)
         try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=None if self.reason else self._keepalive)
-                except queue.Empty:
-                    yield KEEPALIVE
-                    continue
-                if item is _END:
-                    return
-                if self.reason != "client_disconnect":
-                    yield item.encode()
+            yield from self._relay()
         except GeneratorExit:
             self.stop("client_disconnect")  # a write failed: the second line of detection
             raise

@@ -18,8 +18,8 @@ log = logging.getLogger("relay")
 bp = Blueprint("stops", __name__)
 
 # Re-check period: SQLite has no push signal, so its re-check is the signal between workers.
-# 0.1 s: a query 10 times a second per worker holding streams, whose GIL time every Stop on
-# that worker waits behind (measured: at 0.05 s, with two queries, one stream's cancel p99 rose).
+# 0.1 s: one query 10 times a second per worker holding streams; other workers' stops land
+# within it (bench/stop.py: p99 ~100 ms, the target is 150 ms).
 POLL = {"sqlite": 0.1, "postgres": 0.25}
 _live = {}  # generation id -> EventStream, the streams this worker holds
 _watcher = {}  # pid -> the watcher greenlet, started on this worker's first stream
