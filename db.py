@@ -316,14 +316,13 @@ def stops_since(url, since, instance_id, worker_pid):
     return [(r["id"], r["reason"]) for r in rows if r["id"] is not None], rows[-1]["clock"]
 
 
-def listen(url, on_id, running):
-    """Call on_id(id) for every stop signalled to this store, while running(); Postgres only."""
+def listen(url, on_id):
+    """Call on_id(id) for every stop signalled to this store until the connection fails; Postgres only."""
     psycopg = _psycopg()
     with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        while running():
-            for notify in conn.notifies(timeout=1.0):
-                on_id(notify.payload)
+        for notify in conn.notifies():
+            on_id(notify.payload)
 
 
 def delete_older_than(url, timestamp):

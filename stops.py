@@ -82,7 +82,7 @@ def _listen(settings):
     """Take NOTIFY stop signals from Postgres, reconnecting by itself whenever the connection drops."""
     while True:
         try:
-            db.listen(settings.database_url, lambda gen_id: _stop_local(gen_id, "stop_request"), lambda: True)
+            db.listen(settings.database_url, lambda gen_id: _stop_local(gen_id, "stop_request"))
         except Exception as exc:  # noqa: BLE001 - any failure: reconnect; the watcher re-checks meanwhile
             log.warning("stop listener: %s; reconnecting in 1 s", str(exc).strip())
             gevent.sleep(1)

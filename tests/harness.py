@@ -42,6 +42,29 @@ def get_json(url, token=None):
         return json.load(exc)
 
 
+def post(url, body=None):
+    """POST a JSON body (or none); return (status, parsed JSON)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def full_accept_queue():
+    """Return (a listening socket whose accept queue is full, its fillers): a connect() to it hangs."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = [socket.socket() for _ in range(2)]
+    for f in fillers:  # later SYNs are dropped
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", blackhole.getsockname()[1]))
+    return blackhole, fillers
+
+
 def poll(fetch, done, timeout):
     """Call fetch() every 20 ms until done(result) or `timeout` seconds; return the last result."""
     deadline = time.monotonic() + timeout

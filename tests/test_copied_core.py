@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, SSE, free_port, poll, scenario
+from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, poll, scenario
 
 SERVERS = {
     # --no-control-socket: several gunicorns at once in the tests would share one.
@@ -181,14 +181,8 @@ def test_gunicorns_sync_worker_gets_a_clear_error(upstream, tmp_path):
 def test_stop_while_connecting_abandons_the_connect_under_threads(upstream, tmp_path, server):
     """An upstream whose accept queue is full leaves connect() hanging; Stop must wake the thread in it."""
     from test_relay import connections_to
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
+    blackhole, filler = full_accept_queue()
     port = blackhole.getsockname()[1]
-    filler = [socket.socket() for _ in range(2)]
-    for f in filler:  # fill the accept queue; later SYNs are dropped and connect() hangs
-        f.setblocking(False)
-        f.connect_ex(("127.0.0.1", port))
     app = CopiedApp(tmp_path, server, upstream, UPSTREAM_URL=f"http://127.0.0.1:{port}/v1/chat/completions")
     try:
         pid = int(poll(lambda: _children(app.proc.pid), bool, 5)[0]) if server == "gthread" else app.proc.pid

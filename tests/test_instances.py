@@ -1,28 +1,18 @@
 """Two relay instances sharing nothing but a real Postgres, behind one nginx upstream listing both."""
-import json
 import time
-import urllib.request
 import uuid
 
 import pytest
 
 import harness
 from conftest import require_binary
-from harness import SSE, Server, get_json, poll, scenario
+from harness import SSE, Server, get_json, poll, post, scenario
 
 
 def tag():
     return uuid.uuid4().hex[:12]
 
 
-def post(url, body=None):
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def instance(name, tmp_path_factory, postgres, upstream):

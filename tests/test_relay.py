@@ -1,14 +1,13 @@
 """The relay over real gunicorn and real sockets: the event contract and each link of the cancel chain."""
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, SSE, Server, free_port, get_json, open_fds, scenario, texts
+from harness import PYTHON, ROOT, SSE, Server, free_port, full_accept_queue, get_json, open_fds, scenario, texts
 
 
 def tag():
@@ -111,14 +110,8 @@ def test_client_close_during_a_mid_stream_silence(relay, upstream):
 
 def test_client_close_while_connecting_abandons_the_connect(relay, tmp_path):
     """An upstream whose accept queue is full leaves connect() hanging; Stop must still end it."""
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
+    blackhole, filler = full_accept_queue()
     port = blackhole.getsockname()[1]
-    filler = [socket.socket() for _ in range(2)]
-    for f in filler:  # fill the accept queue; later SYNs are dropped and connect() hangs
-        f.setblocking(False)
-        f.connect_ex(("127.0.0.1", port))
     server = Server(tmp_path, LLM_PROVIDER="openai", LLM_BASE_URL=f"http://127.0.0.1:{port}/v1",
                     LLM_MODEL="m", UPSTREAM_CONNECT_TIMEOUT=30)
     try:

@@ -1,30 +1,19 @@
 """The stop request and the client lease over real gunicorn and SQLite (the embedded default)."""
-import json
 import os
 import signal
 import sqlite3
 import time
-import urllib.request
 import uuid
 
 import pytest
 
-from harness import SSE, Server, get_json, poll, scenario, texts
+from harness import SSE, Server, get_json, poll, post, scenario, texts
 
 
 def tag():
     return uuid.uuid4().hex[:12]
 
 
-def post(url, body=None):
-    """POST (JSON body or none); return (status, parsed JSON)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def stop(server, gen_id):
