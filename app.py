@@ -85,6 +85,16 @@ def _ms(start, end):
     return None if start is None or end is None else round((end - start) * 1000, 1)
 
 
+# JSON of a string alone: JSONEncoder.encode takes its fast path (json.dumps with
+# ensure_ascii=False would build a new encoder per call).
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def delta(text):
+    """Return the `delta` event of one text piece: the one event per token, so its JSON is built by hand."""
+    return ServerSentEvent("delta", '{"text": ' + _json_string(text) + "}")
+
+
 def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):
     """Yield one generation's events, and finish its row in the log (before the last event) whatever ends it.
 
@@ -102,7 +112,7 @@ def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):
             if first is None:
                 first, row["first_token_at"] = time.monotonic(), db.now()
             pieces.append(text)
-            yield ServerSentEvent("delta", {"text": text})
+            yield delta(text)
         final = ServerSentEvent("done", {"status": "complete", "finish_reason": info.get("finish_reason"),
                                          "usage": info.get("usage")})
     except Cancelled as stop:
@@ -315,7 +325,8 @@ def open_stream(settings, gen_id, lease, events):
     stream = EventStream(events(gen_id=gen_id, stopped=stopped), request.environ, settings.keepalive)
     stops.track(settings, gen_id, stream)
     # X-Accel-Buffering: nginx must pass each event on at once.
-    return Response(stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    direct_passthrough=True)
 
 
 def start_retention(settings):

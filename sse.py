@@ -28,9 +28,10 @@ import selectors
 import socket
 import threading
 import time
+from functools import partial
 
 import gevent
-from gevent.queue import Empty, Queue
+from gevent.hub import Waiter
 from sseclient import SSEClient
 import urllib3.connection
 import urllib3.util.connection
@@ -48,21 +49,23 @@ class ServerSentEvent:
 
     def encode(self):
         """Return the event as bytes, data as JSON unless it is already a string."""
-        lines = []
-        if self.comment is not None:
-            lines.append(": " + self.comment)
+        text = self.data if self.data is None or isinstance(self.data, str) else _to_json(self.data)
+        out = "" if self.comment is None else f": {self.comment}\n"
         if self.event:
-            lines.append("event: " + self.event)
-        if self.data is not None:
-            text = self.data if isinstance(self.data, str) else json.dumps(self.data, ensure_ascii=False)
+            out += f"event: {self.event}\n"
+        if text is not None:
+            # One data line per line (JSON has none: it escapes line breaks).
             # https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
-            lines.extend("data: " + line for line in text.split("\n"))
-        return ("\n".join(lines) + "\n\n").encode()
+            out += "data: " + text.replace("\n", "\ndata: ") + "\n"
+        return (out + "\n").encode()
 
+
+# One encoder for every event: json.dumps(..., ensure_ascii=False) would build a new one each time.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 # A comment is real bytes on the wire: proxies and browsers see traffic, EventSource ignores it.
 # (Yielding b"" from a WSGI body writes nothing at all, so it keeps nothing alive.)
-KEEPALIVE = ServerSentEvent(comment="keepalive").encode()
+KEEPALIVE = ServerSentEvent(comment="keepalive")
 
 
 class Cancelled(gevent.GreenletExit):
@@ -134,7 +137,10 @@ class EventStream:
             log.warning("no client socket in the WSGI environ (looked for %s) under %s: a client that leaves is"
                         " noticed only when a write fails", " or ".join(SOCKET_KEYS), environ.get("SERVER_SOFTWARE"))
         self._keepalive = keepalive
-        self._queue = queue.Queue() if self._threads else Queue()
+        # Events the producer has read and the writer not yet sent: threads share a Queue;
+        # greenlets a list and a Waiter, as cheap a hand-over as gevent has (see _put).
+        self._queue = queue.Queue() if self._threads else None
+        self._ready, self._waiter, self._timer = [], None, None
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
         self.stopped_at = None
@@ -181,10 +187,15 @@ class EventStream:
             self._producer.kill(Cancelled(reason, self.stopped_at), block=False)
 
     def _run(self):
+        self._loop = gevent.get_hub().loop
         self._producer = gevent.spawn(self._produce)
         self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
-        self._producer.link(lambda _: self._queue.put(_END))  # even if killed before it ran
+        self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
         watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
+        self._sent_at = self._loop.now()
+        if self._keepalive:
+            self._timer = self._loop.timer(self._keepalive)
+            self._timer.start(self._keepalive_due)
         _live.add(self)
         try:
             yield from self._relay()
@@ -196,28 +207,56 @@ class EventStream:
             raise
         finally:
             _live.discard(self)
+            if self._timer is not None:
+                self._timer.close()
             if watcher is not None:
                 watcher.close()
             self.stop("client_disconnect")
             self._producer.join()  # the producer has closed the upstream and written its row
 
     def _relay(self):
-        """Yield the producer's events as bytes, and a keepalive comment in each silence, until it ends."""
+        """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
         while True:
-            try:
-                item = self._queue.get(timeout=None if self.reason else self._keepalive)
-            except Empty:  # gevent's queue raises the stdlib's Empty too
-                yield KEEPALIVE
-                continue
-            if item is _END:
-                return
+            events = self._take()
             # After a server shutdown the client is still there for the last events.
             if self.reason != "client_disconnect":
-                yield item.encode()
+                yield b"".join([event.encode() for event in events if event is not _END])
+            if events[-1] is _END:
+                return
 
     def _produce(self):
         for event in self._events:
-            self._queue.put(event)
+            self._put(event)
+
+    def _put(self, event):
+        """Hand an event to the writer: called by the producer, and in the loop by a keepalive or the end."""
+        self._ready.append(event)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            # Only the loop may switch to a waiting greenlet; events read meanwhile join this one write.
+            self._loop.run_callback(waiter.switch, None)
+
+    def _take(self):
+        """Return every event that is ready, waiting for one if none is."""
+        if self._threads:
+            return self._take_thread()
+        while not self._ready:
+            self._waiter = Waiter()
+            self._waiter.get()
+        events, self._ready = self._ready, []
+        self._sent_at = self._loop.now()
+        return events
+
+    def _keepalive_due(self):
+        # One timer per stream, re-armed for the silence left, rather than a timeout per event:
+        # http://pod.tst.eu/http://cvs.schmorp.de/libev/ev.pod#Be_smart_about_timeouts
+        silent = self._loop.now() - self._sent_at
+        if silent >= self._keepalive and self.reason is None and not self._producer.dead:
+            self._put(KEEPALIVE)
+            silent = 0
+        self._timer.close()
+        self._timer = self._loop.timer(max(self._keepalive - silent, 0.001))
+        self._timer.start(self._keepalive_due)
 
     # -- threads (gunicorn -k gthread, flask run) ------------------------------------------
 
@@ -239,6 +278,15 @@ class EventStream:
                 _ThreadWatcher.get().remove(self._sock)
             self.stop("client_disconnect")
             self._producer.join()
+
+    def _take_thread(self):
+        try:
+            events = [self._queue.get(timeout=None if self.reason else self._keepalive)]
+        except queue.Empty:
+            return [KEEPALIVE]
+        while events[-1] is not _END and not self._queue.empty():
+            events.append(self._queue.get())
+        return events
 
     def _produce_thread(self):
         _current.stream = self  # so the urllib3 hook and iter_chunks find this stream
@@ -470,14 +518,18 @@ SSE_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 def iter_chunks(response, ends=SSE_ENDS):
     """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end."""
-    # read1 returns whatever has arrived, for chunked and close-delimited bodies alike;
-    # iterating the response or SSEClient(response) reads fixed blocks and batches events.
+    # Iterating the response or SSEClient(response) reads fixed blocks and batches events.
+    # A chunked body (every provider's): urllib3's own parser hands on each chunk the moment
+    # it is whole (a sender knows a chunk before it sends its size), for half the CPU of read1.
+    # A close-delimited body: read1 returns whatever has arrived.
+    raw = response.raw
+    chunks = raw.read_chunked() if raw.chunked else iter(partial(raw.read1, 65536), b"")
     stream = getattr(gevent.getcurrent(), "event_stream", None) or getattr(_current, "stream", None)
     if stream is not None:
         stream.upstream = response  # so a Stop can send the provider its FIN at once
     tail = b""
     try:
-        while chunk := response.raw.read1(65536):
+        for chunk in chunks:
             tail = (tail + chunk)[-4:]
             yield chunk
     except Exception:
