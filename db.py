@@ -55,21 +55,41 @@ def _sqlite_path(url):
     return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
 
 
-def _sqlite_run(path, statements):
-    """Run statements in one transaction on their own SQLite connection; return the last one's (rows, rows changed)."""
+_kept = {}  # (path, pid) -> the SQLite connection kept open for the stop watcher's re-checks
+
+
+def _sqlite_run(path, statements, keep=False):
+    """Run statements in one transaction on SQLite; return the last one's (rows, rows changed).
+
+    Each call has its own connection, closed after it; `keep` reuses one kept open until
+    release(): the stop watcher re-checks 10 times a second, and a connect costs ~6 queries.
+    """
     try:
-        with sqlite3.connect(path, timeout=10) as conn:
+        conn = _kept.get((path, os.getpid())) if keep else None
+        if conn is None:
+            conn = sqlite3.connect(path, timeout=10, check_same_thread=False)  # kept: any pool thread, one at a time
             # With WAL, NORMAL skips the fsync per commit and still never corrupts the file;
             # a power cut can lose the last few log rows, never a stream.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.row_factory = sqlite3.Row
+            if keep:
+                _kept[(path, os.getpid())] = conn
+        with conn:
             for sql, args in statements:
                 cursor = conn.execute(sql.replace("{now}", "((julianday('now') - 2440587.5) * 86400.0)"), args)
                 rows = [dict(row) for row in cursor.fetchall()]
-        conn.close()  # no connection outlives its call: nothing held per thread of the pool
+        if not keep:
+            conn.close()  # no connection outlives its call: nothing held per thread of the pool
     except sqlite3.Error as exc:
         raise Unavailable(f"sqlite: {exc}") from exc
     return rows, cursor.rowcount
+
+
+def release(url):
+    """Close the connection kept for `url`'s stop watcher (SQLite), once the worker holds no stream."""
+    conn = _kept.pop((_sqlite_path(url), os.getpid()), None)
+    if conn is not None:
+        conn.close()
 
 
 def _psycopg():
@@ -141,7 +161,7 @@ def _gevent_loop_running():
     return monkey.is_module_patched("socket")
 
 
-def run(url, sql, args=(), pooled=True, then=()):
+def run(url, sql, args=(), pooled=True, then=(), keep=False):
     """Run one statement, and the (sql, args) pairs of `then` in the same transaction.
 
     Returns the last statement's (rows as dicts, number of rows changed).
@@ -153,8 +173,8 @@ def run(url, sql, args=(), pooled=True, then=()):
         import gevent
 
         # sqlite3 blocks its thread: in gevent's thread pool disk waits never stall the loop.
-        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements))
-    return _sqlite_run(_sqlite_path(url), statements)
+        return gevent.get_hub().threadpool.apply(_sqlite_run, (_sqlite_path(url), statements, keep))
+    return _sqlite_run(_sqlite_path(url), statements, keep)
 
 
 def execute(url, sql, args=()):
@@ -309,10 +329,10 @@ def stops_since(url, since, instance_id, worker_pid):
 
     One query, as the watcher of every worker runs it several times a second.
     """
-    rows = execute(url, "SELECT id, reason, {now} AS clock FROM stops WHERE requested_at > ?"
-                        " UNION ALL SELECT id, 'lease_expired', {now} FROM generations WHERE status = 'streaming'"
-                        " AND instance_id = ? AND worker_pid = ? AND lease_expires < {now}"
-                        " UNION ALL SELECT NULL, NULL, {now}", (since, instance_id, worker_pid))
+    rows = run(url, "SELECT id, reason, {now} AS clock FROM stops WHERE requested_at > ?"
+                    " UNION ALL SELECT id, 'lease_expired', {now} FROM generations WHERE status = 'streaming'"
+                    " AND instance_id = ? AND worker_pid = ? AND lease_expires < {now}"
+                    " UNION ALL SELECT NULL, NULL, {now}", (since, instance_id, worker_pid), keep=True)[0]
     return [(r["id"], r["reason"]) for r in rows if r["id"] is not None], rows[-1]["clock"]
 
 

@@ -62,6 +62,8 @@ def _watch(settings):
     while True:
         gevent.sleep(period)
         if not _live:
+            if since is not None:
+                db.release(url)
             since = None
             continue
         try:

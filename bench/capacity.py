@@ -1,12 +1,15 @@
-"""What a worker costs per relayed event and per open stream, ours vs the naive relay; prints a table.
+"""What one gevent worker costs per relayed event and per open stream, ours vs the naive relay; prints tables.
 
-    .venv/bin/python bench/capacity.py [--quick]
+    .venv/bin/python bench/capacity.py [--quick]      CPU, added delay, a fast provider, memory
+    .venv/bin/python bench/capacity.py --open 10000   N open streams on one worker, then all closed at once
 
-One gevent worker per relay on loopback, the fake provider at 20 tokens/s per stream:
-CPU per 1,000 relayed events (the worker's utime+stime over a window, divided by the
-events the clients read in it), the added delay of each event (client read - provider
-send, one CLOCK_MONOTONIC), and memory per open stream (the worker's RSS with N silent
-streams open, minus its RSS before, over N).
+One gevent worker per relay on loopback, the fake provider in its own process. With two or
+more cores the worker gets a core of its own and the clients and the provider share the
+others, so the load generator does not time-share the CPU it measures.
+CPU per 1,000 relayed events: the worker's utime+stime over a window over the events the
+clients read in it (the median of alternating windows, ours then naive). Added delay: client
+read - provider send, one CLOCK_MONOTONIC. Memory per open stream: the worker's RSS with N
+silent streams open, minus its RSS before, over N.
 """
 from gevent import monkey
 
@@ -16,6 +19,7 @@ import argparse  # noqa: E402
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +29,7 @@ from pathlib import Path
 import gevent  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import SSE, Server, Upstream, scenario  # noqa: E402
+from harness import SSE, Server, Upstream, get_json, scenario  # noqa: E402
 from cancel import percentile  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -42,46 +46,65 @@ def rss_kb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def flowing(server, upstream, streams, seconds):
-    """Relay `streams` streams at 20 tokens/s for `seconds`; return (ms CPU per 1,000 events, delays in ms)."""
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def pin(server):
+    """Give the worker a core of its own; everything else here runs on the other cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    os.sched_setaffinity(server.workers()[0], cores[-1:])
+    os.sched_setaffinity(0, cores[:-1])
+
+
+def text_of(kind, data):
+    """The text piece of a relayed event: ours (`delta`) or the naive relay's (OpenAI chunks as they came)."""
+    if kind == "delta" and isinstance(data, dict):
+        return data.get("text")
+    if kind == "message" and isinstance(data, dict) and data.get("choices"):
+        return data["choices"][0]["delta"].get("content")
+    return None
+
+
+def flowing(server, upstream, streams, seconds, interval):
+    """Relay `streams` streams, a piece every `interval` s, for `seconds`.
+
+    Returns (ms CPU per 1,000 events, delays in ms, events relayed / s, events the provider sent / s).
+    """
     worker = server.workers()[0]
-    clients = [SSE(server.port, scenario(tag=uuid.uuid4().hex, tokens=100000, interval=0.05, text="{t}"),
-                   wait_for_headers=False) for _ in range(streams)]
-    delays, counted = [], [0]
-    window = {}
+    tags = [uuid.uuid4().hex for _ in range(streams)]
+    clients = [SSE(server.port, scenario(tag=tag, tokens=10**7, interval=interval, text="{t}"), wait_for_headers=False)
+               for tag in tags]
+    delays, window = [], {}
 
     def read(client):
         while True:
             kind, data, arrived = client.next(timeout=30)
-            text = data.get("text") if isinstance(data, dict) and kind == "delta" else None
-            if text is None and kind == "message" and isinstance(data, dict) and data.get("choices"):
-                text = data["choices"][0]["delta"].get("content")
+            text = text_of(kind, data)
             if text and "start" in window and "end" not in window:
-                counted[0] += 1
                 delays.append((arrived - float(text)) * 1000)
 
     readers = [gevent.spawn(read, c) for c in clients]
-    gevent.sleep(2)  # all streams flowing
-    window["start"], cpu0 = True, cpu_seconds(worker)
+    gevent.sleep(1.5)  # every stream flowing
+    window["start"], cpu0, start = True, cpu_seconds(worker), time.monotonic()
     gevent.sleep(seconds)
-    window["end"], cpu1 = True, cpu_seconds(worker)
+    window["end"], cpu1, end = True, cpu_seconds(worker), time.monotonic()
     gevent.killall(readers)
     for c in clients:
         c.close()
+    sent = sum(start <= t <= end for tag in tags for t in upstream.record(tag)["piece_times"])
     gevent.sleep(1)
-    return (cpu1 - cpu0) * 1000 / counted[0] * 1000, delays
+    return (cpu1 - cpu0) * 10**6 / len(delays), delays, len(delays) / (end - start), sent / (end - start)
 
 
-def memory(server, upstream, count):
+def memory(server, count):
     """Return KB of worker RSS per open silent stream, with `count` open."""
     worker = server.workers()[0]
     gevent.sleep(0.5)
     before = rss_kb(worker)
-    clients = []
-    for _ in range(count):
-        clients.append(SSE(server.port, scenario(tokens=3, silence_after=1, silence=120), wait_for_headers=False))
-    for c in clients:
-        c.next(timeout=30)
+    clients = open_silent(server, count, "mem")
     gevent.sleep(1)
     after = rss_kb(worker)
     for c in clients:
@@ -90,33 +113,137 @@ def memory(server, upstream, count):
     return (after - before) / count
 
 
+def open_silent(server, count, prefix, batch=500):
+    """Open `count` streams that send one piece and go silent; return their clients once each has its piece."""
+    clients = []
+    for start in range(0, count, batch):
+        more = [SSE(server.port, scenario(tag=f"{prefix}-{start + i}", tokens=3, silence_after=1, silence=3600),
+                    wait_for_headers=False) for i in range(min(batch, count - start))]
+        for c in more:
+            while text_of(*c.next(timeout=60)[:2]) is None:  # the piece, not just the start event
+                pass
+        clients += more
+    return clients
+
+
+def relays(tmp, upstream, **env):
+    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15,
+              **env}
+    return {"ours": Server(tmp, **common),
+            "naive Flask relay": Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common)}
+
+
+def tables(tmp, upstream, quick):
+    streams, seconds, reps, open_count = (20, 2, 1, 100) if quick else (100, 5, 3, 1000)
+    servers = relays(tmp, upstream)
+    try:
+        for server in servers.values():
+            pin(server)
+        print(f"\n### {streams} streams x 20 tokens/s ({reps} alternating windows of {seconds} s each)\n")
+        print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p50 / p99 / max |")
+        print("|---|---:|---:|")
+        results = {name: ([], []) for name in servers}
+        for _ in range(reps):
+            for name, server in servers.items():
+                cpu, delays, _, _ = flowing(server, upstream, streams, seconds, 0.05)
+                results[name][0].append(cpu)
+                results[name][1].extend(delays)
+        for name, (cpus, delays) in results.items():
+            print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
+                  f" {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
+
+        print(f"\n### A fast provider: 10 streams x 500 tokens/s for {seconds * reps} s\n")
+        print("| relay | CPU per 1,000 relayed events | events the provider sent / relayed per s | added delay p50 / p99 / max |")
+        print("|---|---:|---:|---:|")
+        for name, server in servers.items():
+            server.restart()
+            pin(server)
+            cpu, delays, rate, sent = flowing(server, upstream, 10, seconds * reps, 0.002)
+            print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} /"
+                  f" {max(delays):.1f} ms |", flush=True)
+
+        print(f"\n### Memory with {open_count:,} silent streams open\n")
+        print("| relay | memory per open stream |")
+        print("|---|---:|")
+        for name, server in servers.items():
+            server.restart()  # the naive relay's unnoticed streams would load what follows
+            print(f"| {name} | {memory(server, open_count):.1f} KB |", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def many_open(tmp, upstream, count):
+    """Open `count` streams on one worker, relay a probe stream beside them, then close them all at once."""
+    server = Server(tmp, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m", KEEPALIVE_SECONDS=15,
+                    WORKER_CONNECTIONS=count + count // 20 + 100)
+    try:
+        pin(server)
+        worker = server.workers()[0]
+        gevent.sleep(0.5)
+        fds0, rss0, t0 = fds(worker), rss_kb(worker), time.monotonic()
+        clients = open_silent(server, count, "many")
+        opened = time.monotonic() - t0
+        gevent.sleep(1)
+        fds1, rss1 = fds(worker), rss_kb(worker)
+        _, delays, _, _ = flowing(server, upstream, 10, 5, 0.05)  # while they are all open
+        fds1b = fds(worker)
+        closed_at = time.monotonic()
+        for c in clients:
+            c.close()
+        t_close = time.monotonic()
+        deadline = time.monotonic() + 120
+        while True:
+            seen = get_json(f"{upstream.url}/_closed/many-")
+            if all(seen.values()) or time.monotonic() > deadline:
+                break
+            gevent.sleep(0.5)
+        delays_closed = [(when - closed_at) * 1000 for when in seen.values() if when]
+        still_open = sum(1 for when in seen.values() if not when)
+        while fds(worker) > fds0 and time.monotonic() < deadline:
+            gevent.sleep(0.2)
+        back = time.monotonic() - closed_at
+        print(f"\n### {count:,} open streams on one worker (WORKER_CONNECTIONS={count + count // 20 + 100})\n")
+        print("| measure | value |")
+        print("|---|---:|")
+        print(f"| time to open them all (batches of 500) | {opened:.1f} s |")
+        print(f"| worker RSS before / with them open | {rss0 / 1024:.0f} MB / {rss1 / 1024:.0f} MB |")
+        print(f"| memory per open stream | {(rss1 - rss0) / count:.1f} KB |")
+        print(f"| worker fds before / with them open | {fds0:,} / {fds1:,} |")
+        print(f"| probe: 10 streams x 20 tokens/s beside them, added delay p50 / p99 | {percentile(delays, 50):.2f} /"
+              f" {percentile(delays, 99):.2f} ms |")
+        print(f"| all closed at once ({(t_close - closed_at) * 1000:.0f} ms to close {count:,} sockets): provider"
+              f" connection closed, p50 / p99 / max after the first close | {percentile(delays_closed, 50):.0f} /"
+              f" {percentile(delays_closed, 99):.0f} / {max(delays_closed):.0f} ms |")
+        print(f"| provider connections still open after that | {still_open} |")
+        print(f"| worker fds after (back to {fds0:,}: every row written, every socket closed) | {fds(worker):,},"
+              f" after {back:.1f} s |")
+        assert fds1b >= fds1 - 20, "streams ended while open"
+    finally:
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--open", type=int, metavar="N", help="instead: N open streams on one worker, all closed at once")
     args = parser.parse_args()
-    streams, seconds, open_count = (20, 3, 100) if args.quick else (100, 10, 1000)
+    # Each open stream is two sockets in the worker (client, provider): the soft limit up to
+    # the hard one, for this process and the servers it starts.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.open and 2 * args.open + 100 > hard:
+        sys.exit(f"{args.open:,} streams need {2 * args.open + 100:,} open files in the worker; the hard limit here is"
+                 f" {hard:,} (raise it: ulimit -Hn, LimitNOFILE=, or nofile in limits.conf)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     upstream = Upstream()
-    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15}
-    relays = {"ours": Server(tmp, **common),
-              "naive Flask relay": Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common)}
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
-        print(f"\n### {streams} streams x 20 tokens/s for {seconds} s; memory with {open_count} silent streams open\n")
-        print("| relay | CPU per 1,000 relayed events | added delay p50 / p99 | memory per open stream |")
-        print("|---|---:|---:|---:|")
-        for name, server in relays.items():
-            cpu, delays = flowing(server, upstream, streams, seconds)
-            server.restart()  # the naive relay's unnoticed streams would load what follows
-            kb = memory(server, upstream, open_count)
-            server.restart()
-            print(f"| {name} | {cpu:.0f} ms | {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} ms |"
-                  f" {kb:.1f} KB |", flush=True)
+        if args.open:
+            many_open(tmp, upstream, args.open)
+        else:
+            tables(tmp, upstream, args.quick)
     finally:
-        for server in relays.values():
-            server.stop()
         upstream.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -55,6 +55,9 @@ def post_stream(settings, path, body, headers, info):
     )
     info["request_id"] = resp.headers.get("x-request-id") or resp.headers.get("request-id")
     if resp.status_code < 400:
+        # A stream may stay open for minutes: keep only what reading the body needs, not the
+        # request that was sent (the whole conversation), its headers and the cookie jar.
+        resp.request = resp.cookies = resp.connection = None
         return resp
     with resp:
         conn = resp.raw.connection

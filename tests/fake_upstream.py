@@ -6,7 +6,8 @@ Serves OpenAI (POST .../chat/completions), Anthropic (POST /v1/messages) and Oll
 (POST /api/chat) wire formats over raw sockets, so each test controls framing, pacing and
 failures. The scenario is JSON in the last user message (keys in DEFAULTS). Every request
 is recorded, including when its client closed the connection; GET /_log/<tag> returns the
-record. Times are time.monotonic(), which is one clock for all processes on Linux.
+record, GET /_closed/<prefix> when each request whose tag starts so was closed. Times are
+time.monotonic(), which is one clock for all processes on Linux.
 """
 import json
 import select
@@ -175,6 +176,12 @@ def handle(conn):
                 rec["closed_at"] = time.monotonic()  # closed after a finished response
             return
         method, path, _ = req
+        if path.startswith("/_closed/"):  # when each request whose tag starts so was closed (null: open)
+            prefix = path[len("/_closed/"):]
+            with lock:
+                found = {tag: rec["closed_at"] for tag, rec in records.items() if tag.startswith(prefix)}
+            respond_json(conn, 200, found)
+            continue
         if path.startswith("/_log/"):
             with lock:
                 found = records.get(path[len("/_log/"):])
