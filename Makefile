@@ -30,3 +30,6 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/cancel.py
 	$(BIN)/python bench/stop.py
 	$(BIN)/python bench/servers.py
+	$(BIN)/python bench/capacity.py
+	$(BIN)/python bench/capacity.py --open 10000
+	$(BIN)/python bench/profile.py

@@ -1,6 +1,7 @@
 """gunicorn settings for long-lived event streams. Every value can be overridden on the command line."""
 import os
 import glob
+import resource
 import sys
 import tempfile
 
@@ -17,6 +18,15 @@ worker_class = "gevent"
 # instead of leaving new connections waiting unseen.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 os.environ["WORKER_CONNECTIONS"] = str(worker_connections)
+# Each open stream is two sockets in its worker (the client's, the provider's): raise the
+# soft open-file limit to the hard one (any process may) for the master and its workers.
+# 10,000 streams per worker need ~20,100: `ulimit -Hn`, systemd LimitNOFILE= (README).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+except (ValueError, OSError):
+    pass  # an unlimited hard limit the kernel caps lower: keep the soft one
+FILES_NEEDED = 2 * worker_connections + 100
 # prometheus_client's multiprocess mode: each worker writes its metrics to files here and
 # /metrics adds them up. Set before any worker imports prometheus_client; wiped at start.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="relay-metrics-"))
@@ -39,6 +49,11 @@ def on_starting(server):
         settings = settings_module.from_env()
     except settings_module.ConfigError as exc:
         sys.exit(f"configuration error: {exc}")
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files < FILES_NEEDED:
+        server.log.warning("WORKER_CONNECTIONS=%d needs about %d open files per worker, the limit is %d: streams past"
+                           " ~%d per worker will fail to connect. Raise it (ulimit -n / LimitNOFILE=) or lower"
+                           " WORKER_CONNECTIONS.", worker_connections, FILES_NEEDED, files, (files - 100) // 2)
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
     for name in glob.glob(os.path.join(metrics_dir, "*.db")):

@@ -93,11 +93,13 @@ def cpu(tmp, upstream, seconds):
         for name, server in servers.items():
             pin(server)
             worker, out = server.workers()[0], tmp / f"{name.split()[0]}.txt"
-            spy = subprocess.Popen([PY_SPY, "record", "-p", str(worker), "-r", "500", "-d", str(seconds + 1), "-f", "raw",
-                                    "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen([PY_SPY, "record", "-p", str(worker), "-r", "500", "-d", str(int(seconds) + 1), "-f", "raw",
+                                    "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             per_1000, _, _, _ = flowing(server, upstream, 100, seconds, 0.05)
             while spy.poll() is None:
                 gevent.sleep(0.2)
+            if spy.returncode:
+                sys.exit(f"py-spy failed: {spy.stderr.read().decode().strip()}")
             counts, total = categorize(out, CPU_CATEGORIES)
             results[name] = ({k: v / total for k, v in counts.items()}, per_1000)
     finally:

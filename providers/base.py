@@ -1,14 +1,17 @@
 """What every provider adapter shares: the HTTP pool, the POST, the error type."""
 import json
+import os
 
 import requests
 
 # One pool per worker: a finished stream's connection is reused; a cancelled one is closed.
-# As large as gunicorn's worker_connections: past the size urllib3 logs a warning for every
-# connection it hands back, which costs the event loop ~0.1 ms each when many streams stop.
+# As large as gunicorn's worker_connections (a worker holds at most that many streams): past
+# its size urllib3 logs a warning for every connection it hands back, ~0.1 ms of the event
+# loop each when many streams end at once.
+POOL_SIZE = int(os.environ.get("WORKER_CONNECTIONS") or 1000)
 http = requests.Session()
-http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=1000))
-http.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=1000))
+http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE))
+http.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE))
 
 ERROR_TYPES = {400: "invalid_request", 401: "authentication_error", 403: "permission_error",
                404: "not_found", 408: "upstream_timeout", 413: "invalid_request",
