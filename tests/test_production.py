@@ -1,6 +1,7 @@
 """Running it for many users: access to the log, the capacity guard, usage for stopped answers, metrics."""
 import json
 import re
+import resource
 import shutil
 import socket
 import sqlite3
@@ -277,3 +278,24 @@ def test_open_streams_gauge_counts_live_streams_across_workers(upstream, tmp_pat
         assert value(harness.poll(scrape, lambda m: value(m, "relay_open_streams") == 0, 5), "relay_open_streams") == 0
     finally:
         server.stop()
+
+
+def test_the_worker_gets_the_open_files_its_connections_need_or_a_warning(upstream, tmp_path):
+    """Each stream is two sockets in its worker: the soft file limit is raised to the hard one, and a short one is named."""
+    def limits():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+
+    env = dict(LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m", preexec_fn=limits)
+    enough = Server(tmp_path, WORKER_CONNECTIONS=1500, **env)  # needs ~3,100: over the soft limit, under the hard
+    short = Server(tmp_path, WORKER_CONNECTIONS=3000, **env)  # needs ~6,100: over both
+    try:
+        for server in (enough, short):
+            with open(f"/proc/{server.workers()[0]}/limits") as f:
+                line = next(line for line in f if line.startswith("Max open files"))
+            assert line.split()[3:5] == ["4096", "4096"]
+        assert "open files" not in enough.output()
+        assert ("WORKER_CONNECTIONS=3000 needs about 6100 open files per worker, the limit is 4096: streams past ~1998"
+                " per worker will fail to connect") in short.output()
+    finally:
+        enough.stop()
+        short.stop()
