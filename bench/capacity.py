@@ -72,11 +72,13 @@ def flowing(server, upstream, streams, seconds, interval):
     """Relay `streams` streams, a piece every `interval` s, for `seconds`.
 
     Returns (ms CPU per 1,000 events, delays in ms, events relayed / s, events the provider sent / s).
+    With `server` None the clients read the provider directly: the instrument alone, no CPU figure.
     """
-    worker = server.workers()[0]
+    worker = server.workers()[0] if server else None
+    port, path = (server.port, "/api/chat") if server else (upstream.port, "/v1/chat/completions")
     tags = [uuid.uuid4().hex for _ in range(streams)]
-    clients = [SSE(server.port, scenario(tag=tag, tokens=10**7, interval=interval, text="{t}"), wait_for_headers=False)
-               for tag in tags]
+    clients = [SSE(port, scenario(tag=tag, tokens=10**7, interval=interval, text="{t}"), path=path,
+                   wait_for_headers=False) for tag in tags]
     delays, window = [], {}
 
     def read(client):
@@ -88,15 +90,16 @@ def flowing(server, upstream, streams, seconds, interval):
 
     readers = [gevent.spawn(read, c) for c in clients]
     gevent.sleep(1.5)  # every stream flowing
-    window["start"], cpu0, start = True, cpu_seconds(worker), time.monotonic()
+    window["start"], cpu0, start = True, worker and cpu_seconds(worker), time.monotonic()
     gevent.sleep(seconds)
-    window["end"], cpu1, end = True, cpu_seconds(worker), time.monotonic()
+    window["end"], cpu1, end = True, worker and cpu_seconds(worker), time.monotonic()
     gevent.killall(readers)
     for c in clients:
         c.close()
     sent = sum(start <= t <= end for tag in tags for t in upstream.record(tag)["piece_times"])
     gevent.sleep(1)
-    return (cpu1 - cpu0) * 10**6 / len(delays), delays, len(delays) / (end - start), sent / (end - start)
+    cpu = (cpu1 - cpu0) * 10**6 / len(delays) if worker else None
+    return cpu, delays, len(delays) / (end - start), sent / (end - start)
 
 
 def memory(server, count):
@@ -169,6 +172,9 @@ def tables(tmp, upstream, quick):
         for name, (cpus, delays) in results.items():
             print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
                   f" {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
+        _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
+        print(f"| the instrument alone: clients read the provider directly | — | {percentile(delays, 50):.2f} /"
+              f" {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
 
         print(f"\n### A fast provider: 10 streams x 500 tokens/s for {seconds * reps} s\n")
         print("| relay | CPU per 1,000 relayed events | events the provider sent / relayed per s | added delay p50 / p99 / max |")
@@ -179,6 +185,9 @@ def tables(tmp, upstream, quick):
             cpu, delays, rate, sent = flowing(server, upstream, 10, seconds * reps, 0.002)
             print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} /"
                   f" {max(delays):.1f} ms |", flush=True)
+        _, delays, rate, sent = flowing(None, upstream, 10, seconds * reps, 0.002)
+        print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {percentile(delays, 50):.2f} /"
+              f" {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
 
         print(f"\n### Memory with {open_count:,} silent streams open\n")
         print("| relay | memory per open stream |")
