@@ -219,8 +219,8 @@ class EventStream:
         while True:
             events = self._take()
             # After a server shutdown the client is still there for the last events.
-            if self.reason != "client_disconnect":
-                yield b"".join([event.encode() for event in events if event is not _END])
+            if self.reason != "client_disconnect" and (data := b"".join([e.encode() for e in events if e is not _END])):
+                yield data
             if events[-1] is _END:
                 return
 
