@@ -140,7 +140,7 @@ class EventStream:
         # Events the producer has read and the writer not yet sent: threads share a Queue;
         # greenlets a list and a Waiter, as cheap a hand-over as gevent has (see _put).
         self._queue = queue.Queue() if self._threads else None
-        self._ready, self._waiter, self._timer = [], None, None
+        self._ready, self._waiter, self._quiet = [], None, None
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
         self.stopped_at = None
@@ -192,10 +192,8 @@ class EventStream:
         self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
         self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
         watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
-        self._sent_at = self._loop.now()
         if self._keepalive:
-            self._timer = self._loop.timer(self._keepalive)
-            self._timer.start(self._keepalive_due)
+            self._quiet = Quiet(self._keepalive, self._keepalive_due)  # touched by every write
         _live.add(self)
         try:
             yield from self._relay()
@@ -207,8 +205,8 @@ class EventStream:
             raise
         finally:
             _live.discard(self)
-            if self._timer is not None:
-                self._timer.close()
+            if self._quiet is not None:
+                self._quiet.close()
             if watcher is not None:
                 watcher.close()
             self.stop("client_disconnect")
@@ -244,19 +242,13 @@ class EventStream:
             self._waiter = Waiter()
             self._waiter.get()
         events, self._ready = self._ready, []
-        self._sent_at = self._loop.now()
+        if self._quiet is not None:
+            self._quiet.touch()
         return events
 
     def _keepalive_due(self):
-        # One timer per stream, re-armed for the silence left, rather than a timeout per event:
-        # http://pod.tst.eu/http://cvs.schmorp.de/libev/ev.pod#Be_smart_about_timeouts
-        silent = self._loop.now() - self._sent_at
-        if silent >= self._keepalive and self.reason is None and not self._producer.dead:
+        if self.reason is None and not self._producer.dead:
             self._put(KEEPALIVE)
-            silent = 0
-        self._timer.close()
-        self._timer = self._loop.timer(max(self._keepalive - silent, 0.001))
-        self._timer.start(self._keepalive_due)
 
     # -- threads (gunicorn -k gthread, flask run) ------------------------------------------
 
@@ -440,6 +432,45 @@ class _ThreadWatcher:
                 watched[fd] = sock
 
 
+class Quiet:
+    """Call `due()` in the loop whenever `seconds` pass without a touch(); greenlets only.
+
+    One libev timer, re-armed for the time left when it fires, instead of a gevent Timeout
+    started and cancelled around every wait (a timer per event: ~15 % of the relay's CPU):
+    http://pod.tst.eu/http://cvs.schmorp.de/libev/ev.pod#Be_smart_about_timeouts
+    """
+
+    def __init__(self, seconds, due):
+        self.seconds, self.due = seconds, due
+        self.loop = gevent.get_hub().loop
+        self.touched, self.timer = self.loop.now(), None
+        self._arm(seconds)
+
+    def touch(self):
+        """Start the quiet period again (something was read or written)."""
+        self.touched = self.loop.now()
+
+    def close(self):
+        """Stop watching."""
+        self.timer.close()
+        self.timer = None
+
+    def _arm(self, after):
+        if self.timer is not None:
+            self.timer.close()
+        self.timer = self.loop.timer(after)
+        self.timer.start(self._fire)
+
+    def _fire(self):
+        left = self.seconds - (self.loop.now() - self.touched)
+        if left <= 0:
+            self.touched = self.loop.now()
+            self.due()
+            left = self.seconds
+        if self.timer is not None:  # due() may have closed it
+            self._arm(max(left, 0.001))
+
+
 def when_idle(at_most=0.05):
     """Wait until the event loop has nothing else to do, or `at_most` seconds at the longest."""
     with gevent.Timeout(at_most, False):  # a saturated loop is never idle
@@ -524,18 +555,32 @@ def iter_chunks(response, ends=SSE_ENDS):
     # A close-delimited body: read1 returns whatever has arrived.
     raw = response.raw
     chunks = raw.read_chunked() if raw.chunked else iter(partial(raw.read1, 65536), b"")
-    stream = getattr(gevent.getcurrent(), "event_stream", None) or getattr(_current, "stream", None)
+    producer = gevent.getcurrent()
+    stream = getattr(producer, "event_stream", None) or getattr(_current, "stream", None)
     if stream is not None:
         stream.upstream = response  # so a Stop can send the provider its FIN at once
+    quiet = None
+    sock = getattr(raw.connection, "sock", None)
+    if getattr(producer, "event_stream", None) is not None and sock is not None and sock.gettimeout():
+        # The read timeout (requests' timeout=(connect, read)) as one timer per stream: the
+        # socket's own timeout would start a gevent Timeout for every wait. urllib3 sets the
+        # socket's timeout again for the connection's next request.
+        quiet = Quiet(sock.gettimeout(), lambda: producer.kill(socket.timeout("timed out"), block=False))
+        sock.settimeout(None)
     tail = b""
     try:
         for chunk in chunks:
+            if quiet is not None:
+                quiet.touch()
             tail = (tail + chunk)[-4:]
             yield chunk
     except Exception:
         if stream is not None and stream.reason:
             raise Cancelled(stream.reason, stream.stopped_at) from None  # the provider hung up on our FIN
         raise
+    finally:
+        if quiet is not None:
+            quiet.close()
     if stream is not None and stream.reason:
         raise Cancelled(stream.reason, stream.stopped_at)  # the provider ended the body on our FIN
     if tail and not tail.endswith(ends):
