@@ -452,8 +452,9 @@ class Quiet:
 
     def close(self):
         """Stop watching."""
-        self.timer.close()
-        self.timer = None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
 
     def _arm(self, after):
         if self.timer is not None:
@@ -560,7 +561,7 @@ def iter_chunks(response, ends=SSE_ENDS):
     if stream is not None:
         stream.upstream = response  # so a Stop can send the provider its FIN at once
     quiet = None
-    sock = getattr(raw.connection, "sock", None)
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
     if getattr(producer, "event_stream", None) is not None and sock is not None and sock.gettimeout():
         # The read timeout (requests' timeout=(connect, read)) as one timer per stream: the
         # socket's own timeout would start a gevent Timeout for every wait. urllib3 sets the
