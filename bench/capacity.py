@@ -147,6 +147,11 @@ def close_all(clients, upstream, prefix, timeout=120):
     return closing, [(when - first) * 1000 for when in seen.values() if when], sum(1 for w in seen.values() if not w)
 
 
+def spread(delays):
+    """The added-delay cell of a table row: p50 / p99 / max."""
+    return f"{percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms"
+
+
 def relays(tmp, upstream, **env):
     common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15,
               **env}
@@ -171,10 +176,9 @@ def tables(tmp, upstream, quick):
                 results[name][1].extend(delays)
         for name, (cpus, delays) in results.items():
             print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
-                  f" {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
+                  f" {spread(delays)} |", flush=True)
         _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
-        print(f"| the instrument alone: clients read the provider directly | — | {percentile(delays, 50):.2f} /"
-              f" {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
+        print(f"| the instrument alone: clients read the provider directly | — | {spread(delays)} |", flush=True)
 
         print(f"\n### A fast provider: 10 streams x 500 tokens/s for {seconds * reps} s\n")
         print("| relay | CPU per 1,000 relayed events | events the provider sent / relayed per s | added delay p50 / p99 / max |")
@@ -183,11 +187,9 @@ def tables(tmp, upstream, quick):
             server.restart()
             pin(server)
             cpu, delays, rate, sent = flowing(server, upstream, 10, seconds * reps, 0.002)
-            print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} /"
-                  f" {max(delays):.1f} ms |", flush=True)
+            print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
         _, delays, rate, sent = flowing(None, upstream, 10, seconds * reps, 0.002)
-        print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {percentile(delays, 50):.2f} /"
-              f" {percentile(delays, 99):.2f} / {max(delays):.1f} ms |", flush=True)
+        print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
 
         print(f"\n### Memory with {open_count:,} silent streams open\n")
         print("| relay | memory per open stream |")

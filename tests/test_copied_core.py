@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, poll, scenario
+from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, poll, scenario, stop_process
 
 SERVERS = {
     # --no-control-socket: several gunicorns at once in the tests would share one.
@@ -60,12 +60,7 @@ class CopiedApp:
         return self.log_path.read_text()
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
