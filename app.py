@@ -21,7 +21,7 @@ import diagnostics
 import metrics
 import providers
 import stops
-from sse import Cancelled, EventStream, ServerSentEvent, when_idle
+from sse import Cancelled, EventStream, ServerSentEvent, to_json, when_idle
 
 log = logging.getLogger("relay")
 
@@ -85,14 +85,9 @@ def _ms(start, end):
     return None if start is None or end is None else round((end - start) * 1000, 1)
 
 
-# JSON of a string alone: JSONEncoder.encode takes its fast path (json.dumps with
-# ensure_ascii=False would build a new encoder per call).
-_json_string = json.JSONEncoder(ensure_ascii=False).encode
-
-
 def delta(text):
     """Return the `delta` event of one text piece: the one event per token, so its JSON is built by hand."""
-    return ServerSentEvent("delta", '{"text": ' + _json_string(text) + "}")
+    return ServerSentEvent("delta", '{"text": ' + to_json(text) + "}")
 
 
 def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):

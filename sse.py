@@ -49,7 +49,7 @@ class ServerSentEvent:
 
     def encode(self):
         """Return the event as bytes, data as JSON unless it is already a string."""
-        text = self.data if self.data is None or isinstance(self.data, str) else _to_json(self.data)
+        text = self.data if self.data is None or isinstance(self.data, str) else to_json(self.data)
         out = "" if self.comment is None else f": {self.comment}\n"
         if self.event:
             out += f"event: {self.event}\n"
@@ -61,7 +61,8 @@ class ServerSentEvent:
 
 
 # One encoder for every event: json.dumps(..., ensure_ascii=False) would build a new one each time.
-_to_json = json.JSONEncoder(ensure_ascii=False).encode
+# A string alone takes the encoder's fast path (app.py builds the per-token `delta` with it).
+to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 # A comment is real bytes on the wire: proxies and browsers see traffic, EventSource ignores it.
 # (Yielding b"" from a WSGI body writes nothing at all, so it keeps nothing alive.)
@@ -562,7 +563,7 @@ def iter_chunks(response, ends=SSE_ENDS):
         stream.upstream = response  # so a Stop can send the provider its FIN at once
     quiet = None
     sock = getattr(getattr(raw, "connection", None), "sock", None)
-    if getattr(producer, "event_stream", None) is not None and sock is not None and sock.gettimeout():
+    if stream is not None and not stream._threads and sock is not None and sock.gettimeout():
         # The read timeout (requests' timeout=(connect, read)) as one timer per stream: the
         # socket's own timeout would start a gevent Timeout for every wait. urllib3 sets the
         # socket's timeout again for the connection's next request.

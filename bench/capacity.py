@@ -29,7 +29,7 @@ from pathlib import Path
 import gevent  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import SSE, Server, Upstream, get_json, scenario  # noqa: E402
+from harness import SSE, Server, Upstream, get_json, open_fds as fds, scenario  # noqa: E402
 from cancel import percentile  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -44,10 +44,6 @@ def cpu_seconds(pid):
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-def fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def pin(server):

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, poll, scenario, stop_process
+from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, open_fds, poll, scenario, stop_process
 
 SERVERS = {
     # --no-control-socket: several gunicorns at once in the tests would share one.
@@ -120,7 +120,7 @@ def test_200_streams_closed_at_once_under_gthread_leave_nothing_behind(upstream,
         worker = int(poll(lambda: _children(app.proc.pid), bool, 5)[0])
         s = SSE(app.port, scenario(tokens=2), path="/stream")  # warm: the pool and the watcher thread
         s.read_all()
-        threads, fds = _threads(worker), _fds(worker)
+        threads, fds = _threads(worker), open_fds(worker)
         tags = [tag() for _ in range(200)]
         streams = [SSE(app.port, scenario(tag=t, tokens=10, silence_after=1, silence=60), path="/stream",
                        wait_for_headers=False) for t in tags]
@@ -135,7 +135,7 @@ def test_200_streams_closed_at_once_under_gthread_leave_nothing_behind(upstream,
         # Every producer thread ended; gunicorn keeps its own handler threads pooled (--threads 210).
         after = poll(lambda: _threads(worker), lambda n: n <= during - 200, 5)
         assert after <= during - 200 and after <= threads + 210, (threads, during, after)
-        assert poll(lambda: _fds(worker), lambda n: n <= fds, 5) <= fds
+        assert poll(lambda: open_fds(worker), lambda n: n <= fds, 5) <= fds
     finally:
         app.stop()
 
@@ -154,10 +154,6 @@ def _ppid(pid):
 
 def _threads(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def _fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_gunicorns_sync_worker_gets_a_clear_error(upstream, tmp_path):
