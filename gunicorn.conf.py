@@ -18,6 +18,10 @@ worker_class = "gevent"
 # instead of leaving new connections waiting unseen.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 os.environ["WORKER_CONNECTIONS"] = str(worker_connections)
+# gevent records who spawned each greenlet and from where (a stack summary), for debugging
+# tools we do not use: ~2.7 KB of every open stream (bench/capacity.py). Read by the workers.
+# https://www.gevent.org/api/gevent._config.html#gevent._config.TrackGreenletTree
+os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 # Each open stream is two sockets in its worker (the client's, the provider's): raise the
 # soft open-file limit to the hard one (any process may) for the master and its workers.
 # 10,000 streams per worker need ~20,100: `ulimit -Hn`, systemd LimitNOFILE= (README).

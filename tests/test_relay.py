@@ -197,6 +197,15 @@ def test_events_split_across_network_chunks_and_utf8(relay, upstream):
     assert events[-1][0] == "done"
 
 
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_pieces_larger_than_the_read_buffer_arrive_whole(relay, upstream, framing):
+    """The provider's socket is read through a 1 KB buffer (providers/base.py): 9 KB events pass through it intact."""
+    s = SSE(relay.port, scenario(tag=tag(), tokens=3, text="€{i}" * 3000, framing=framing))
+    events = s.read_all()
+    assert [e[1]["text"] for e in events if e[0] == "delta"] == ["€0" * 3000, "€1" * 3000, "€2" * 3000]
+    assert events[-1][0] == "done"
+
+
 def test_upstream_http_error_becomes_an_error_event_without_the_key(relay, upstream):
     body = json.dumps({"error": {"message": "Incorrect API key provided: sk-test-SECRET-KEY.", "type": "invalid_request_error"}})
     s = SSE(relay.port, scenario(tag=tag(), status=401, error_body=body))
