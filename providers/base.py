@@ -4,7 +4,6 @@ import json
 import os
 
 import requests
-import urllib3.connection
 
 # One pool per worker: a finished stream's connection is reused; a cancelled one is closed.
 # As large as gunicorn's worker_connections (a worker holds at most that many streams): past
@@ -27,12 +26,25 @@ class _Response(http.client.HTTPResponse):
         self.fp = sock.makefile("rb", buffering=READ_BUFFER)
 
 
-# http.client makes its response with the connection's response_class; urllib3 (under
-# requests) keeps http.client's reading, so this reaches every provider's stream.
-urllib3.connection.HTTPConnection.response_class = _Response
+def _reading_through_small_buffers(pool):
+    """Return a subclass of the urllib3 pool class `pool` whose connections make _Response."""
+    # urllib3 reads a response through http.client, which makes it with the connection's response_class.
+    connection = type(pool.ConnectionCls.__name__, (pool.ConnectionCls,), {"response_class": _Response})
+    return type(pool.__name__, (pool,), {"ConnectionCls": connection})
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose pools read through small buffers: only this session's responses change."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: _reading_through_small_buffers(pool) for scheme, pool in self.poolmanager.pool_classes_by_scheme.items()}
+
+
 http = requests.Session()
-http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE))
-http.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE))
+http.mount("http://", _Adapter(pool_maxsize=POOL_SIZE))
+http.mount("https://", _Adapter(pool_maxsize=POOL_SIZE))
 
 ERROR_TYPES = {400: "invalid_request", 401: "authentication_error", 403: "permission_error",
                404: "not_found", 408: "upstream_timeout", 413: "invalid_request",
