@@ -161,7 +161,9 @@ def relays(tmp, upstream, **env):
     common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15,
               **env}
     return {"ours": Server(tmp, **common),
-            "naive Flask relay": Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common)}
+            "naive Flask relay": Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common),
+            "floor: parsing, nothing else": Server(tmp, app="bench.floor_relay:app", UPSTREAM_URL=upstream.url + "/v1",
+                                                   **common)}
 
 
 def tables(tmp, upstream, quick):

@@ -1,0 +1,43 @@
+"""The floor: what any relay that parses each event pays on this stack, and nothing more.
+
+    gunicorn -k gevent bench.floor_relay:app     (UPSTREAM_URL=http://127.0.0.1:9000/v1)
+
+It does per event what ours must (sseclient-py, json.loads, one `delta` event written, the
+provider read through our session's 1 KB buffer, iter_chunks as it arrives), in gunicorn's
+one handler greenlet per stream. It has no Stop, no keepalive, no read timeout (a gevent
+socket's timeout is a timer per wait), no log and no limits: a gone client is noticed when a
+write fails, and a silent provider holds the stream forever.
+"""
+import json
+import os
+
+from flask import Flask, Response, request
+
+from providers.base import http
+from sse import ServerSentEvent, sse_events, to_json
+
+app = Flask(__name__)
+
+
+@app.post("/api/chat")
+def chat():
+    upstream = http.post(os.environ["UPSTREAM_URL"] + "/chat/completions", json={**request.get_json(), "stream": True},
+                         headers={"Accept-Encoding": "identity"}, stream=True, timeout=(10, None))
+    upstream.request = upstream.cookies = upstream.connection = None  # as providers.base.post_stream
+
+    def relay():
+        with upstream:
+            for event in sse_events(upstream):
+                if event.data == "[DONE]":
+                    return
+                for choice in json.loads(event.data).get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield ServerSentEvent("delta", '{"text": ' + to_json(text) + "}").encode()  # as app.delta
+
+    return Response(relay(), mimetype="text/event-stream", direct_passthrough=True)
+
+
+@app.get("/healthz")
+def healthz():
+    return {"status": "ok"}
