@@ -46,13 +46,17 @@ def rss_kb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+CORES = sorted(os.sched_getaffinity(0))  # before pin() narrows this process's own
+
+
 def pin(server):
     """Give the worker a core of its own; everything else here runs on the other cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    # From the cores this process started with: after the first call its own affinity is
+    # the other cores, and taking that would leave every later relay unpinned.
+    if len(CORES) < 2:
         return
-    os.sched_setaffinity(server.workers()[0], cores[-1:])
-    os.sched_setaffinity(0, cores[:-1])
+    os.sched_setaffinity(server.workers()[0], CORES[-1:])
+    os.sched_setaffinity(0, CORES[:-1])
 
 
 def text_of(kind, data):
@@ -176,8 +180,11 @@ def tables(tmp, upstream, quick):
         print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p50 / p99 / max |")
         print("|---|---:|---:|")
         results = {name: ([], []) for name in servers}
-        for _ in range(reps):
-            for name, server in servers.items():
+        names = list(servers)
+        for rep in range(reps):
+            # Each relay takes each place in the order once, so none always follows the same one.
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                server = servers[name]
                 cpu, delays, _, _ = flowing(server, upstream, streams, seconds, 0.05)
                 results[name][0].append(cpu)
                 results[name][1].extend(delays)
