@@ -189,7 +189,6 @@ class EventStream:
 
     def _run(self):
         self._loop = gevent.get_hub().loop
-        self._wake = self._loop.check()  # never started: _put feeds it to wake the writer
         self._producer = gevent.spawn(self._produce)
         self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
         self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
@@ -213,7 +212,6 @@ class EventStream:
                 watcher.close()
             self.stop("client_disconnect")
             self._producer.join()  # the producer has closed the upstream and written its row
-            self._wake.close()
 
     def _relay(self):
         """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
@@ -234,11 +232,8 @@ class EventStream:
         self._ready.append(event)
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            # Only the loop may switch to a waiting greenlet. Fed to the loop as an event, the
-            # writer runs as soon as the producer waits again (what it read meanwhile joins this
-            # write), before the other streams the loop woke in this turn: a loop callback would
-            # run only after them all (bench/capacity.py: added delay p99 -15 %).
-            self._wake.feed(0, waiter.switch, None)
+            # Only the loop may switch to a waiting greenlet; events read meanwhile join this one write.
+            self._loop.run_callback(waiter.switch, None)
 
     def _take(self):
         """Return every event that is ready, waiting for one if none is."""
