@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/capacity.py [--quick]      CPU, added delay, a fast provider, memory
     .venv/bin/python bench/capacity.py --open 10000   N open streams on one worker, then all closed at once
+    .venv/bin/python bench/capacity.py --against DIR  this checkout's relay vs DIR's (e.g. a git worktree), 100 x 20
 
 One gevent worker per relay on loopback, the fake provider in its own process. With two or
 more cores the worker gets a core of its own and the clients and the provider share the
@@ -216,6 +217,31 @@ def tables(tmp, upstream, quick):
             server.stop()
 
 
+def against(tmp, upstream, other, reps=8):
+    """Our relay from this checkout and from `other`, alternating 5 s windows at 100 x 20; print a table."""
+    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15}
+    servers = {"this checkout": Server(tmp, **common), other: Server(tmp, root=other, **common)}
+    results = {name: ([], [], []) for name in servers}
+    try:
+        for server in servers.values():
+            pin(server)
+        for rep in range(reps):
+            for name in list(servers)[::1 if rep % 2 == 0 else -1]:
+                cpu, delays, _, _ = flowing(servers[name], upstream, 100, 5, 0.05)
+                results[name][0].append(cpu)
+                results[name][1].append(percentile(delays, 99))
+                results[name][2].extend(delays)
+    finally:
+        for server in servers.values():
+            server.stop()
+    print(f"\n### Ours, two checkouts: 100 streams x 20 tokens/s ({reps} alternating windows of 5 s each)\n")
+    print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p99 of each window | all windows: p50 / p99 / max |")
+    print("|---|---:|---:|---:|")
+    for name, (cpus, p99s, delays) in results.items():
+        print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
+              f" {' / '.join(f'{p:.2f}' for p in p99s)} ms | {spread(delays)} |")
+
+
 def many_open(tmp, upstream, count):
     """Open `count` streams on one worker, relay a probe stream beside them, then close them all at once."""
     connections = count + count // 20 + 100
@@ -267,6 +293,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--open", type=int, metavar="N", help="instead: N open streams on one worker, all closed at once")
+    parser.add_argument("--against", metavar="DIR", help="instead: this checkout's relay vs the one in DIR, alternating")
     args = parser.parse_args()
     # Each open stream is two sockets in the worker (client, provider): the soft limit up to
     # the hard one, for this process and the servers it starts.
@@ -281,7 +308,9 @@ def main():
     upstream = Upstream()
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
-        if args.open:
+        if args.against:
+            against(tmp, upstream, os.path.abspath(args.against))
+        elif args.open:
             many_open(tmp, upstream, args.open)
         else:
             tables(tmp, upstream, args.quick)

@@ -100,8 +100,9 @@ class Upstream:
 class Server:
     """A real gunicorn (gevent worker) serving wsgi:app on a free port."""
 
-    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", host="127.0.0.1", preexec_fn=None, **env):
+    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", host="127.0.0.1", preexec_fn=None, root=ROOT, **env):
         self.preexec_fn = preexec_fn  # run in the child before gunicorn starts (e.g. to set limits)
+        self.root = root  # the checkout to serve (bench/capacity.py --against serves another one)
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
         self.db = env.get("GENERATIONS_DB") or str(tmp_path / f"gen-{self.port}.db")
@@ -113,7 +114,7 @@ class Server:
         self._start()
 
     def _start(self):
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.command, cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=self.preexec_fn)
         wait_http(self.url + "/healthz", proc=self.proc)
 
