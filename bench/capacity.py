@@ -162,13 +162,30 @@ def spread(delays):
     return f"{percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms"
 
 
-def relays(tmp, upstream, **env):
-    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15,
-              **env}
-    return {"ours": Server(tmp, **common),
-            "naive Flask relay": Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common),
-            "floor: parsing, nothing else": Server(tmp, app="bench.floor_relay:app", UPSTREAM_URL=upstream.url + "/v1",
-                                                   **common)}
+def ours(tmp, upstream, **kwargs):
+    """Our relay on gunicorn, relaying the fake provider as an OpenAI-style upstream."""
+    return Server(tmp, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m", KEEPALIVE_SECONDS=15,
+                  UPSTREAM_URL=upstream.url + "/v1", **kwargs)
+
+
+def relays(tmp, upstream):
+    return {"ours": ours(tmp, upstream),
+            "naive Flask relay": ours(tmp, upstream, app="bench.naive_relay:app"),
+            "floor: parsing, nothing else": ours(tmp, upstream, app="bench.floor_relay:app")}
+
+
+def windows(servers, upstream, reps, streams=100, seconds=5):
+    """Run `reps` windows of each server at `streams` x 20 tokens/s; return {name: (CPUs, p99s, all delays)}."""
+    results = {name: ([], [], []) for name in servers}
+    names = list(servers)
+    for rep in range(reps):
+        # Each relay takes each place in the order once, so none always follows the same one.
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            cpu, delays, _, _ = flowing(servers[name], upstream, streams, seconds, 0.05)
+            results[name][0].append(cpu)
+            results[name][1].append(percentile(delays, 99))
+            results[name][2].extend(delays)
+    return results
 
 
 def tables(tmp, upstream, quick):
@@ -180,16 +197,7 @@ def tables(tmp, upstream, quick):
         print(f"\n### {streams} streams x 20 tokens/s ({reps} alternating windows of {seconds} s each)\n")
         print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p50 / p99 / max |")
         print("|---|---:|---:|")
-        results = {name: ([], []) for name in servers}
-        names = list(servers)
-        for rep in range(reps):
-            # Each relay takes each place in the order once, so none always follows the same one.
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                server = servers[name]
-                cpu, delays, _, _ = flowing(server, upstream, streams, seconds, 0.05)
-                results[name][0].append(cpu)
-                results[name][1].extend(delays)
-        for name, (cpus, delays) in results.items():
+        for name, (cpus, _, delays) in windows(servers, upstream, reps, streams, seconds).items():
             print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
                   f" {spread(delays)} |", flush=True)
         _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
@@ -219,18 +227,11 @@ def tables(tmp, upstream, quick):
 
 def against(tmp, upstream, other, reps=8):
     """Our relay from this checkout and from `other`, alternating 5 s windows at 100 x 20; print a table."""
-    common = {"LLM_PROVIDER": "openai", "LLM_BASE_URL": upstream.url + "/v1", "LLM_MODEL": "m", "KEEPALIVE_SECONDS": 15}
-    servers = {"this checkout": Server(tmp, **common), other: Server(tmp, root=other, **common)}
-    results = {name: ([], [], []) for name in servers}
+    servers = {"this checkout": ours(tmp, upstream), other: ours(tmp, upstream, root=other)}
     try:
         for server in servers.values():
             pin(server)
-        for rep in range(reps):
-            for name in list(servers)[::1 if rep % 2 == 0 else -1]:
-                cpu, delays, _, _ = flowing(servers[name], upstream, 100, 5, 0.05)
-                results[name][0].append(cpu)
-                results[name][1].append(percentile(delays, 99))
-                results[name][2].extend(delays)
+        results = windows(servers, upstream, reps)
     finally:
         for server in servers.values():
             server.stop()
@@ -245,8 +246,7 @@ def against(tmp, upstream, other, reps=8):
 def many_open(tmp, upstream, count):
     """Open `count` streams on one worker, relay a probe stream beside them, then close them all at once."""
     connections = count + count // 20 + 100
-    server = Server(tmp, LLM_PROVIDER="openai", LLM_BASE_URL=upstream.url + "/v1", LLM_MODEL="m", KEEPALIVE_SECONDS=15,
-                    WORKER_CONNECTIONS=connections)
+    server = ours(tmp, upstream, WORKER_CONNECTIONS=connections)
     try:
         pin(server)
         worker = server.workers()[0]

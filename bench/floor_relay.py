@@ -4,26 +4,28 @@
 
 It does per event what ours must (sseclient-py, json.loads, one `delta` event written, the
 provider read through our session's 1 KB buffer, iter_chunks as it arrives), in gunicorn's
-one handler greenlet per stream. It has no Stop, no keepalive, no read timeout (a gevent
-socket's timeout is a timer per wait), no log and no limits: a gone client is noticed when a
-write fails, and a silent provider holds the stream forever.
+one handler greenlet per stream. It has no Stop, no keepalive, no read timeout, no log and
+no limits: a gone client is noticed when a write fails, and a silent provider holds the
+stream forever.
 """
 import json
 import os
+from types import SimpleNamespace
 
 from flask import Flask, Response, request
 
-from providers.base import http
-from sse import ServerSentEvent, sse_events, to_json
+from app import delta
+from providers.base import post_stream
+from sse import sse_events
 
 app = Flask(__name__)
+# No read timeout: a gevent socket's timeout is a timer per wait.
+UPSTREAM = SimpleNamespace(base_url=os.environ.get("UPSTREAM_URL"), connect_timeout=10, read_timeout=None)
 
 
 @app.post("/api/chat")
 def chat():
-    upstream = http.post(os.environ["UPSTREAM_URL"] + "/chat/completions", json={**request.get_json(), "stream": True},
-                         headers={"Accept-Encoding": "identity"}, stream=True, timeout=(10, None))
-    upstream.request = upstream.cookies = upstream.connection = None  # as providers.base.post_stream
+    upstream = post_stream(UPSTREAM, "/chat/completions", {**request.get_json(), "stream": True}, {}, {})
 
     def relay():
         with upstream:
@@ -33,7 +35,7 @@ def chat():
                 for choice in json.loads(event.data).get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        yield ServerSentEvent("delta", '{"text": ' + to_json(text) + "}").encode()  # as app.delta
+                        yield delta(text).encode()
 
     return Response(relay(), mimetype="text/event-stream", direct_passthrough=True)
 
