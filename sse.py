@@ -174,18 +174,11 @@ class EventStream:
                     _os_socket(connection.sock).shutdown(socket.SHUT_WR)
                 except OSError:
                     pass  # already gone
-                gevent.spawn(self._kill_when_idle, reason)
+                _kill_when_idle(self)
             else:
                 # Connecting or waiting for headers: Cancelled, raised where the producer
                 # waits, is what closes the connection.
                 self._producer.kill(Cancelled(reason, self.stopped_at), block=False)
-
-    def _kill_when_idle(self, reason):
-        when_idle()
-        # Unless the producer has let go of the provider already (it took the provider's
-        # reply to our FIN as the Stop): a kill now would only cut its last events short.
-        if getattr(getattr(self.upstream, "raw", None), "connection", None) is not None:
-            self._producer.kill(Cancelled(reason, self.stopped_at), block=False)
 
     def _run(self):
         self._loop = gevent.get_hub().loop
@@ -471,6 +464,28 @@ class Quiet:
             left = self.seconds
         if self.timer is not None:  # due() may have closed it
             self._arm(max(left, 0.001))
+
+
+_unwinding = []  # streams whose provider has its FIN, their producers to kill once the loop is idle
+
+
+def _kill_when_idle(stream):
+    """Kill `stream`'s producer once the loop is idle; one greenlet waits for all stopped meanwhile."""
+    # Not a greenlet per stream: spawning one, and its wait, took ~22 us of the loop per
+    # stream, so when 200 clients left at once the last FIN waited ~4.5 ms more.
+    _unwinding.append(stream)
+    if len(_unwinding) == 1:
+        gevent.spawn(_kill_unwinding)
+
+
+def _kill_unwinding():
+    when_idle()
+    streams, _unwinding[:] = _unwinding[:], []
+    for stream in streams:
+        # Unless the producer has let go of the provider already (it took the provider's
+        # reply to our FIN as the Stop): a kill now would only cut its last events short.
+        if getattr(getattr(stream.upstream, "raw", None), "connection", None) is not None:
+            stream._producer.kill(Cancelled(stream.reason, stream.stopped_at), block=False)
 
 
 def when_idle(at_most=0.05):

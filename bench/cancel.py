@@ -5,7 +5,9 @@
 Everything is a real process: the fake provider (tests/fake_upstream.py), gunicorn with one
 gevent worker for each relay, nginx from deploy/nginx.conf when installed, and this client
 on raw sockets. Cancel propagation is the time from the client's close() to the moment
-the provider sees its connection close; both read the same CLOCK_MONOTONIC.
+the provider sees its connection close; both read the same CLOCK_MONOTONIC. With two or
+more cores each relay's worker gets a core of its own and the provider and the clients share
+the others (nginx, when there, runs anywhere).
 """
 import argparse
 import os
@@ -31,6 +33,24 @@ NOT_NOTICED_AFTER = 2.0  # seconds; a close not seen by then is reported as not 
 # once would compete for the CPU with the very closes being timed: measured here, that
 # alone took the instrument's own "before headers" figure from 0.28 ms to 0.9 ms p50.
 SETTLE = 0.2  # seconds
+
+
+CORES = sorted(os.sched_getaffinity(0))  # before pin() narrows this process's own
+
+
+def pin(server, upstream):
+    """Give the relay's worker a core of its own; the fake provider and this process run on the others.
+
+    In production the provider is another machine: on a shared core, what the relay does
+    after a close (its teardown) would slow the very instrument that times the close.
+    """
+    # From the cores this process started with: after the first call its own affinity is
+    # the other cores, and taking that would leave every later relay unpinned.
+    if len(CORES) < 2:
+        return
+    os.sched_setaffinity(server.workers()[0], CORES[-1:])
+    for pid in (0, upstream.proc.pid):
+        os.sched_setaffinity(pid, CORES[:-1])
 
 
 def percentile(values, p):
@@ -194,6 +214,13 @@ def main():
     naive = Server(tmp, app="bench.naive_relay:app", UPSTREAM_URL=upstream.url + "/v1", **common)
     nginx = Nginx(shutil.which("nginx"), tmp, ours) if shutil.which("nginx") else None
     relays = {"ours": ours.port, "naive Flask relay": naive.port}
+
+    def restart_naive():
+        naive.restart()  # it left streams open at the provider, which would load what follows
+        pin(naive, upstream)
+
+    pin(ours, upstream)
+    pin(naive, upstream)
     try:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
         targets = {"fake provider alone (the instrument)": (upstream.port, "/v1/chat/completions"),
@@ -201,18 +228,18 @@ def main():
         if "one" in tables:
             print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
                          cancel_table(upstream, targets, runs, 0))
-            naive.restart()  # it left streams open at the provider, which would load what follows
+            restart_naive()
         if "crowd" in tables:
             print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
                          cancel_table(upstream, targets, runs, crowd))
-            naive.restart()
+            restart_naive()
         if "burst" in tables:
             rounds = 1 if args.quick else 3
             silent = burst_table(upstream, targets, crowd, rounds, "mid-stream silence")
-            naive.restart()
+            restart_naive()
             print_cancel(f"Cancel propagation, {crowd} streams closed at once",
                          silent + burst_table(upstream, targets, crowd, rounds, "crowd"))
-            naive.restart()
+            restart_naive()
         if "nginx" in tables and nginx:
             print_cancel("Cancel propagation through nginx (deploy/nginx.conf) vs direct to gunicorn",
                          cancel_table(upstream, {"ours via nginx": (nginx.port, "/api/chat"),

@@ -31,7 +31,7 @@ import gevent  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from harness import SSE, Server, Upstream, get_json, open_fds as fds, scenario  # noqa: E402
-from cancel import percentile  # noqa: E402
+from cancel import percentile, pin  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -45,19 +45,6 @@ def cpu_seconds(pid):
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-CORES = sorted(os.sched_getaffinity(0))  # before pin() narrows this process's own
-
-
-def pin(server):
-    """Give the worker a core of its own; everything else here runs on the other cores."""
-    # From the cores this process started with: after the first call its own affinity is
-    # the other cores, and taking that would leave every later relay unpinned.
-    if len(CORES) < 2:
-        return
-    os.sched_setaffinity(server.workers()[0], CORES[-1:])
-    os.sched_setaffinity(0, CORES[:-1])
 
 
 def text_of(kind, data):
@@ -193,7 +180,7 @@ def tables(tmp, upstream, quick):
     servers = relays(tmp, upstream)
     try:
         for server in servers.values():
-            pin(server)
+            pin(server, upstream)
         print(f"\n### {streams} streams x 20 tokens/s ({reps} alternating windows of {seconds} s each)\n")
         print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p50 / p99 / max |")
         print("|---|---:|---:|")
@@ -208,7 +195,7 @@ def tables(tmp, upstream, quick):
         print("|---|---:|---:|---:|")
         for name, server in servers.items():
             server.restart()
-            pin(server)
+            pin(server, upstream)
             cpu, delays, rate, sent = flowing(server, upstream, 10, seconds * reps, 0.002)
             print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
         _, delays, rate, sent = flowing(None, upstream, 10, seconds * reps, 0.002)
@@ -230,7 +217,7 @@ def against(tmp, upstream, other, reps=8):
     servers = {"this checkout": ours(tmp, upstream), other: ours(tmp, upstream, root=other)}
     try:
         for server in servers.values():
-            pin(server)
+            pin(server, upstream)
         results = windows(servers, upstream, reps)
     finally:
         for server in servers.values():
@@ -248,7 +235,7 @@ def many_open(tmp, upstream, count):
     connections = count + count // 20 + 100
     server = ours(tmp, upstream, WORKER_CONNECTIONS=connections)
     try:
-        pin(server)
+        pin(server, upstream)
         worker = server.workers()[0]
         for c in open_silent(server, 10, "warm"):  # the worker opens its metric files once: not per stream
             c.close()

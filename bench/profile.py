@@ -100,7 +100,7 @@ def cpu(tmp, upstream, seconds):
     servers = relays(tmp, upstream)
     try:
         for name, server in servers.items():
-            pin(server)
+            pin(server, upstream)
             worker, out = server.workers()[0], tmp / f"{name.split()[0]}.txt"
             spy = subprocess.Popen([PY_SPY, "record", "-p", str(worker), "-r", "500", "-d", str(int(seconds) + 1), "-f", "raw",
                                     "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

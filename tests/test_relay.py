@@ -82,6 +82,18 @@ def test_a_provider_deaf_to_our_fin_is_still_cut_off(relay, upstream):
     assert relay.wait_finished(gen_id)["status"] == "cancelled"
 
 
+def test_many_providers_deaf_to_our_fin_closed_at_once_are_all_cut_off(relay, upstream):
+    """The kills after many Stops at once wait for one idle moment together: each still lands."""
+    tags = [tag() for _ in range(20)]
+    streams = [SSE(relay.port, scenario(tag=t, tokens=500, interval=0.02, deaf=True)) for t in tags]
+    gen_ids = [s.read_until("delta", 2)[0][1]["id"] for s in streams]
+    closed = [s.close() for s in streams]
+    for t, when in zip(tags, closed):
+        rec = upstream.wait_closed(t)
+        assert rec["closed_at"] is not None and rec["closed_at"] - when < 1.0, t
+    assert {relay.wait_finished(g)["status"] for g in gen_ids} == {"cancelled"}
+
+
 def test_client_close_while_upstream_has_not_answered(relay, upstream):
     """Link 1: without watching the socket, nothing would notice: no write is pending."""
     t = tag()
