@@ -33,3 +33,4 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/capacity.py
 	$(BIN)/python bench/capacity.py --open 10000
 	$(BIN)/python bench/profile.py
+	$(BIN)/python bench/parts.py
