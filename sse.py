@@ -479,8 +479,10 @@ def _kill_when_idle(stream):
 
 
 def _kill_unwinding():
-    when_idle()
-    streams, _unwinding[:] = _unwinding[:], []
+    try:
+        when_idle()
+    finally:  # even if this greenlet is killed, the next stop must start another
+        streams, _unwinding[:] = _unwinding[:], []
     for stream in streams:
         # Unless the producer has let go of the provider already (it took the provider's
         # reply to our FIN as the Stop): a kill now would only cut its last events short.
