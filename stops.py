@@ -1,14 +1,19 @@
 """Stops that reach the stream wherever it runs: the stop request, client leases, and each worker's watcher.
 
 A stop is recorded in the shared store first, then signalled: directly when the request
-lands on the worker that holds the stream, by NOTIFY on Postgres. Each worker also
-re-checks the store on its own (every POLL seconds while it holds streams), so a lost
-signal still stops the stream, and it is the one that notices its own leases running out.
+lands on the worker that holds the stream, by NOTIFY on Postgres, by a datagram that wakes
+the holder's re-check on SQLite. Each worker also re-checks the store on its own (every POLL
+seconds while it holds streams), so a lost signal still stops the stream, and it is the one
+that notices its own leases running out.
 """
+import hashlib
 import logging
 import os
+import socket
+import sys
 
 import gevent
+from gevent.event import Event
 from flask import Blueprint, current_app, jsonify
 
 import db
@@ -17,12 +22,13 @@ import metrics
 log = logging.getLogger("relay")
 bp = Blueprint("stops", __name__)
 
-# Re-check period: SQLite has no push signal, so its re-check is the signal between workers.
-# 0.1 s: one query 10 times a second per worker holding streams; other workers' stops land
-# within it (bench/stop.py: p99 ~100 ms, the target is 150 ms).
-POLL = {"sqlite": 0.1, "postgres": 0.25}
+# Re-check period, for leases and lost signals. Each re-check is a query that costs the
+# worker ~0.7 ms of CPU under load (cold caches, the thread pool's hand-off): at 10 a second
+# that was 2 % of a core's relaying at 100 streams x 20 tokens/s (bench/capacity.py).
+POLL = {"sqlite": 0.5, "postgres": 0.25}
 _live = {}  # generation id -> EventStream, the streams this worker holds
-_watcher = {}  # pid -> the watcher greenlet, started on this worker's first stream
+_watcher = {}  # pid -> the Event that wakes its watcher greenlet, started on its first stream
+_sender = []  # this process's socket for waking other workers (SQLite)
 
 
 def open_streams():
@@ -35,9 +41,12 @@ def track(settings, gen_id, stream):
     _live[gen_id] = stream
     metrics.OPEN_STREAMS.inc()
     if os.getpid() not in _watcher:
-        _watcher[os.getpid()] = gevent.spawn(_watch, settings)
+        wake = _watcher[os.getpid()] = Event()
+        gevent.spawn(_watch, settings, wake)
         if db.is_postgres(settings.database_url):
             gevent.spawn(_listen, settings)
+        elif sys.platform.startswith("linux"):
+            gevent.spawn(_take_wakes, settings.database_url, wake)
 
 
 def untrack(gen_id):
@@ -54,13 +63,14 @@ def _stop_local(gen_id, reason):
     return False
 
 
-def _watch(settings):
+def _watch(settings, wake):
     """Stop this worker's streams that the store says were stopped or whose lease ran out."""
     url = settings.database_url
     period = POLL["postgres" if db.is_postgres(url) else "sqlite"]
     since = None
     while True:
-        gevent.sleep(period)
+        wake.wait(period)
+        wake.clear()
         if not _live:
             if since is not None:
                 db.release(url)
@@ -78,6 +88,45 @@ def _watch(settings):
         except Exception as exc:  # noqa: BLE001 - the store down, or anything: keep watching
             log.warning("stop watcher: %s; retrying", str(exc).strip())
             gevent.sleep(1)
+
+
+# SQLite has no push signal, and every worker on one SQLite file runs on one machine: the
+# worker that took a stop wakes the holder's re-check with a datagram on an abstract Unix
+# socket (Linux: a name, no file to clean up, gone with its process). It carries nothing to
+# trust; a stray one costs one query. Elsewhere the re-check alone finds the stop.
+def _address(url, pid):
+    """Return the socket name of worker `pid` on the SQLite file of `url`."""
+    path = os.path.realpath(db._sqlite_path(url)).encode()
+    return f"\0relay-stops-{hashlib.sha256(path).hexdigest()[:16]}-{pid}"
+
+
+def _take_wakes(url, wake):
+    """Wake this worker's watcher whenever another worker says a stop for it is in the store."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(_address(url, os.getpid()))
+    except OSError as exc:
+        log.warning("stop signals between workers are off (%s): stops taken by another worker land within %g s",
+                    exc, POLL["sqlite"])
+        return
+    while True:
+        sock.recv(16)
+        wake.set()
+
+
+def _wake_holder(url, record):
+    """Tell the SQLite worker holding `record`'s stream to re-check the store now."""
+    pid = (record or {}).get("worker_pid")
+    if db.is_postgres(url) or not pid or pid == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    if not _sender or _sender[0][0] != os.getpid():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)  # a full queue means a wake is pending already
+        _sender[:] = [(os.getpid(), sock)]
+    try:
+        _sender[0][1].sendto(b"!", _address(url, pid))
+    except OSError:
+        pass  # that worker is gone, or its queue is full: its re-check covers it
 
 
 def _listen(settings):
@@ -107,6 +156,7 @@ def stop(gen_id):
     # Elsewhere, durable first, then signalled: a lost signal is found by the owner's re-check.
     db.request_stop(url, gen_id)
     record = db.get_generation(url, gen_id)
+    _wake_holder(url, record)
     db.forget_old_stops(url)
     return _answer(gen_id, record)
 
