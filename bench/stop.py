@@ -7,8 +7,8 @@ connection, as a browser's would be) to the moment the provider sees its connect
 (one CLOCK_MONOTONIC for all processes):
   - same worker: one gunicorn with one worker, which holds the stream and takes the stop;
   - other worker, SQLite: two gunicorn masters (one worker each) on one SQLite file, the
-    stream on the first, the stop to the second: that worker finds the stop by re-checking
-    the store, as a second worker of one master does;
+    stream on the first, the stop to the second, which wakes the holder's re-check of the
+    store with a datagram, as a second worker of one master does;
   - other instance, Postgres: the same on a real Postgres, where NOTIFY carries the stop.
 A lapsed lease is timed from the client's last renewal to the provider's close.
 """
