@@ -23,8 +23,8 @@ log = logging.getLogger("relay")
 bp = Blueprint("stops", __name__)
 
 # Re-check period, for leases and lost signals. Each re-check is a query that costs the
-# worker ~0.7 ms of CPU under load (cold caches, the thread pool's hand-off): at 10 a second
-# that was 2 % of a core's relaying at 100 streams x 20 tokens/s (bench/capacity.py).
+# worker ~0.5 ms of CPU once its caches are cold (bench/parts.py): at 10 a second, as SQLite's
+# was before it had a wake, ~2.5 us of every event at 100 streams x 20 tokens/s.
 POLL = {"sqlite": 0.5, "postgres": 0.25}
 _live = {}  # generation id -> EventStream, the streams this worker holds
 _watcher = {}  # pid -> the Event that wakes its watcher greenlet, started on its first stream
