@@ -120,7 +120,7 @@ def test_read_your_writes_the_log_agrees_the_moment_done_is_read(relay):
 
 
 def test_a_stop_landing_on_the_other_worker_still_stops_the_stream(relay2, upstream):
-    """SQLite has no push signal: the worker holding the stream finds the stop by re-checking the store."""
+    """The holder, frozen while the other worker takes the stop, finds it in the store once it resumes."""
     t = tag()
     s = SSE(relay2.port, scenario(tag=t, tokens=1000, interval=0.02))
     gen_id = s.read_until("delta", 3)[0][1]["id"]
