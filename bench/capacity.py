@@ -1,6 +1,6 @@
 """What one gevent worker costs per relayed event and per open stream, ours vs the naive relay; prints tables.
 
-    .venv/bin/python bench/capacity.py [--quick]      CPU, added delay, a fast provider, memory
+    .venv/bin/python bench/capacity.py [--quick] [--windows N]   CPU, added delay, a fast provider, memory
     .venv/bin/python bench/capacity.py --open 10000   N open streams on one worker, then all closed at once
     .venv/bin/python bench/capacity.py --against DIR  this checkout's relay vs DIR's (e.g. a git worktree), 100 x 20
 
@@ -175,8 +175,9 @@ def windows(servers, upstream, reps, streams=100, seconds=5):
     return results
 
 
-def tables(tmp, upstream, quick):
-    streams, seconds, reps, open_count = (20, 2, 1, 100) if quick else (100, 5, 3, 1000)
+def tables(tmp, upstream, quick, reps=3):
+    streams, seconds, reps, open_count = (20, 2, 1, 100) if quick else (100, 5, reps, 1000)
+    fast = seconds * (1 if quick else 3)
     servers = relays(tmp, upstream)
     try:
         for server in servers.values():
@@ -190,15 +191,15 @@ def tables(tmp, upstream, quick):
         _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
         print(f"| the instrument alone: clients read the provider directly | — | {spread(delays)} |", flush=True)
 
-        print(f"\n### A fast provider: 10 streams x 500 tokens/s for {seconds * reps} s\n")
+        print(f"\n### A fast provider: 10 streams x 500 tokens/s for {fast} s\n")
         print("| relay | CPU per 1,000 relayed events | events the provider sent / relayed per s | added delay p50 / p99 / max |")
         print("|---|---:|---:|---:|")
         for name, server in servers.items():
             server.restart()
             pin(server, upstream)
-            cpu, delays, rate, sent = flowing(server, upstream, 10, seconds * reps, 0.002)
+            cpu, delays, rate, sent = flowing(server, upstream, 10, fast, 0.002)
             print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
-        _, delays, rate, sent = flowing(None, upstream, 10, seconds * reps, 0.002)
+        _, delays, rate, sent = flowing(None, upstream, 10, fast, 0.002)
         print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
 
         print(f"\n### Memory with {open_count:,} silent streams open\n")
@@ -279,6 +280,7 @@ def many_open(tmp, upstream, count):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--windows", type=int, default=3, metavar="N", help="alternating 5 s windows per relay at 100 x 20")
     parser.add_argument("--open", type=int, metavar="N", help="instead: N open streams on one worker, all closed at once")
     parser.add_argument("--against", metavar="DIR", help="instead: this checkout's relay vs the one in DIR, alternating")
     args = parser.parse_args()
@@ -300,7 +302,7 @@ def main():
         elif args.open:
             many_open(tmp, upstream, args.open)
         else:
-            tables(tmp, upstream, args.quick)
+            tables(tmp, upstream, args.quick, args.windows)
     finally:
         upstream.stop()
         shutil.rmtree(tmp, ignore_errors=True)
