@@ -23,19 +23,24 @@ PARTS = {
 }
 
 
-def measure(part, count):
-    """Make `count` instances of `part` in this process; return (RSS KB, heap KB) per instance."""
+def _as_a_worker():
+    """Set this process up as gunicorn.conf.py sets up a worker: monkey-patched, greenlet-tree tracking off."""
     os.environ["GEVENT_TRACK_GREENLET_TREE"] = "false"
     from gevent import monkey
 
     monkey.patch_all()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def measure(part, count):
+    """Make `count` instances of `part` in this process; return (RSS KB, heap KB) per instance."""
+    _as_a_worker()
     import socket
     import tracemalloc
 
     import gevent
     import gevent.event
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sse
 
     parked = gevent.event.Event()
@@ -88,10 +93,7 @@ CPU_PARTS = {
 
 def cpu(part):
     """Run `part` in this process; return its CPU time in µs per event or per re-check."""
-    os.environ["GEVENT_TRACK_GREENLET_TREE"] = "false"
-    from gevent import monkey
-
-    monkey.patch_all()
+    _as_a_worker()
     import logging
     import tempfile
     import time
@@ -99,7 +101,6 @@ def cpu(part):
     import gevent
     from gevent.event import Event
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     logging.disable(logging.WARNING)  # EventStream warns once that it has no client socket
     import app
     import db

@@ -103,24 +103,16 @@ def test_chunk_extensions_and_trailers():
     assert provider.connections == 1
 
 
-@pytest.mark.parametrize("cut", [
-    b"b\r\ndata: one\n\n\r\n5\r\ndat",      # in a chunk's data
-    b"b\r\ndata: one\n\n\r\n",              # before a size line
-    b"b\r\ndata: one\n\n\r\n1",             # in a size line
-    b"b\r\ndata: one\n\n",                  # before a chunk's CRLF
+@pytest.mark.parametrize("body, closes", [
+    (b"b\r\ndata: one\n\n\r\n5\r\ndat", True),      # cut in a chunk's data
+    (b"b\r\ndata: one\n\n\r\n", True),              # cut before a size line
+    (b"b\r\ndata: one\n\n\r\n1", True),             # cut in a size line
+    (b"b\r\ndata: one\n\n", True),                  # cut before a chunk's CRLF
+    (b"zz\r\ndata\r\n", False),                     # a size that is not one
+    (b"b\r\ndata: one\n\n\r\n0x\r\n", False),
 ])
-def test_a_body_cut_short_is_a_protocol_error_and_the_connection_is_not_reused(cut):
-    provider = Provider([(cut, True), (chunked(b"data: next\n\n"), False)])
-    http = session()
-    with pytest.raises(urllib3.exceptions.ProtocolError):
-        read(http, provider)
-    assert read(http, provider) == b"data: next\n\n"
-    assert provider.connections == 2
-
-
-@pytest.mark.parametrize("bad", [b"zz\r\ndata\r\n", b"b\r\ndata: one\n\n\r\n0x\r\n"])
-def test_a_chunk_size_that_is_not_one_is_a_protocol_error(bad):
-    provider = Provider([(bad, False), (chunked(b"data: next\n\n"), False)])
+def test_a_cut_body_or_a_bad_size_is_a_protocol_error_and_the_connection_is_not_reused(body, closes):
+    provider = Provider([(body, closes), (chunked(b"data: next\n\n"), False)])
     http = session()
     with pytest.raises(urllib3.exceptions.ProtocolError):
         read(http, provider)
