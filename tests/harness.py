@@ -100,8 +100,10 @@ class Upstream:
 class Server:
     """A real gunicorn (gevent worker) serving wsgi:app on a free port."""
 
-    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", host="127.0.0.1", preexec_fn=None, root=ROOT, **env):
+    def __init__(self, tmp_path, workers=1, args=(), app="wsgi:app", host="127.0.0.1", preexec_fn=None, root=ROOT,
+                 wrapper=(), start_timeout=15, **env):
         self.preexec_fn = preexec_fn  # run in the child before gunicorn starts (e.g. to set limits)
+        self.start_timeout = start_timeout
         self.root = root  # the checkout to serve (bench/capacity.py --against serves another one)
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
@@ -109,14 +111,14 @@ class Server:
         self.env = {**os.environ, "BIND": f"{host}:{self.port}", "ADMIN_TOKEN": ADMIN_TOKEN,
                     "WEB_CONCURRENCY": str(workers), **{k: str(v) for k, v in env.items()}, "GENERATIONS_DB": self.db}
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        self.command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app]
+        self.command = [*wrapper, PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket", *args, app]
         self.log = open(self.log_path, "w")
         self._start()
 
     def _start(self):
         self.proc = subprocess.Popen(self.command, cwd=self.root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=self.preexec_fn)
-        wait_http(self.url + "/healthz", proc=self.proc)
+        wait_http(self.url + "/healthz", self.start_timeout, proc=self.proc)
 
     def restart(self):
         """Stop and start again on the same port, dropping every connection it held."""
