@@ -34,3 +34,4 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/capacity.py --open 10000
 	$(BIN)/python bench/profile.py
 	$(BIN)/python bench/parts.py
+	$(BIN)/python bench/instructions.py
