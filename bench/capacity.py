@@ -8,7 +8,8 @@ One gevent worker per relay on loopback, the fake provider in its own process. W
 more cores the worker gets a core of its own and the clients and the provider share the
 others, so the load generator does not time-share the CPU it measures.
 CPU per 1,000 relayed events: the worker's utime+stime over a window over the events the
-clients read in it (the median of alternating windows, ours then naive). Added delay: client
+clients read in it (the median of alternating windows, ours then naive), and the same
+split into user and system time per event. Added delay: client
 read - provider send, one CLOCK_MONOTONIC. Memory per open stream: the worker's RSS with N
 silent streams open, minus its RSS before (after 100 streams ran), over N.
 """
@@ -36,10 +37,15 @@ from cancel import percentile, pin  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
+def cpu_times(pid):
+    """Return the process's (user, system) CPU seconds so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid):
+    return sum(cpu_times(pid))
 
 
 def rss_kb(pid):
@@ -59,8 +65,9 @@ def text_of(kind, data):
 def flowing(server, upstream, streams, seconds, interval):
     """Relay `streams` streams, a piece every `interval` s, for `seconds`.
 
-    Returns (ms CPU per 1,000 events, delays in ms, events relayed / s, events the provider sent / s).
-    With `server` None the clients read the provider directly: the instrument alone, no CPU figure.
+    Returns (ms CPU per 1,000 events, delays in ms, events relayed / s, events the provider sent / s,
+    (user, system) µs CPU per event). With `server` None the clients read the provider
+    directly: the instrument alone, no CPU figures.
     """
     worker = server.workers()[0] if server else None
     port, path = (server.port, "/api/chat") if server else (upstream.port, "/v1/chat/completions")
@@ -78,16 +85,16 @@ def flowing(server, upstream, streams, seconds, interval):
 
     readers = [gevent.spawn(read, c) for c in clients]
     gevent.sleep(1.5)  # every stream flowing
-    window["start"], cpu0, start = True, worker and cpu_seconds(worker), time.monotonic()
+    window["start"], cpu0, start = True, worker and cpu_times(worker), time.monotonic()
     gevent.sleep(seconds)
-    window["end"], cpu1, end = True, worker and cpu_seconds(worker), time.monotonic()
+    window["end"], cpu1, end = True, worker and cpu_times(worker), time.monotonic()
     gevent.killall(readers)
     for c in clients:
         c.close()
     sent = sum(start <= t <= end for tag in tags for t in upstream.record(tag)["piece_times"])
     gevent.sleep(1)
-    cpu = (cpu1 - cpu0) * 10**6 / len(delays) if worker else None
-    return cpu, delays, len(delays) / (end - start), sent / (end - start)
+    split = tuple((after - before) * 10**6 / len(delays) for before, after in zip(cpu0, cpu1)) if worker else None
+    return split and sum(split), delays, len(delays) / (end - start), sent / (end - start), split
 
 
 def memory(server, count):
@@ -144,6 +151,11 @@ def close_all(clients, upstream, prefix, timeout=120):
     return closing, [(when - first) * 1000 for when in seen.values() if when], sum(1 for w in seen.values() if not w)
 
 
+def user_system(splits):
+    """The user / system cell of a table row: the medians of the windows' (user, system) µs per event."""
+    return " / ".join(f"{statistics.median(part):.1f}" for part in zip(*splits))
+
+
 def spread(delays):
     """The added-delay cell of a table row: p50 / p99 / max."""
     return f"{percentile(delays, 50):.2f} / {percentile(delays, 99):.2f} / {max(delays):.1f} ms"
@@ -162,14 +174,15 @@ def relays(tmp, upstream):
 
 
 def windows(servers, upstream, reps, streams=100, seconds=5):
-    """Run `reps` windows of each server at `streams` x 20 tokens/s; return {name: (CPUs, p99s, all delays)}."""
-    results = {name: ([], [], []) for name in servers}
+    """Run `reps` windows of each server at `streams` x 20 tokens/s; return {name: (CPUs, p99s, all delays, (user, system)s)}."""
+    results = {name: ([], [], [], []) for name in servers}
     names = list(servers)
     for rep in range(reps):
         # Each relay takes each place in the order once, so none always follows the same one.
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            cpu, delays, _, _ = flowing(servers[name], upstream, streams, seconds, 0.05)
+            cpu, delays, _, _, split = flowing(servers[name], upstream, streams, seconds, 0.05)
             results[name][0].append(cpu)
+            results[name][3].append(split)
             results[name][1].append(percentile(delays, 99))
             results[name][2].extend(delays)
     return results
@@ -183,13 +196,14 @@ def tables(tmp, upstream, quick, reps=3):
         for server in servers.values():
             pin(server, upstream)
         print(f"\n### {streams} streams x 20 tokens/s ({reps} alternating windows of {seconds} s each)\n")
-        print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p50 / p99 / max |")
-        print("|---|---:|---:|")
-        for name, (cpus, _, delays) in windows(servers, upstream, reps, streams, seconds).items():
+        print("| relay | CPU per 1,000 relayed events (median; each window) | user / system µs per event (medians) |"
+              " added delay p50 / p99 / max |")
+        print("|---|---:|---:|---:|")
+        for name, (cpus, _, delays, splits) in windows(servers, upstream, reps, streams, seconds).items():
             print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
-                  f" {spread(delays)} |", flush=True)
-        _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
-        print(f"| the instrument alone: clients read the provider directly | — | {spread(delays)} |", flush=True)
+                  f" {user_system(splits)} | {spread(delays)} |", flush=True)
+        _, delays, _, _, _ = flowing(None, upstream, streams, seconds, 0.05)
+        print(f"| the instrument alone: clients read the provider directly | — | — | {spread(delays)} |", flush=True)
 
         print(f"\n### A fast provider: 10 streams x 500 tokens/s for {fast} s\n")
         print("| relay | CPU per 1,000 relayed events | events the provider sent / relayed per s | added delay p50 / p99 / max |")
@@ -197,9 +211,9 @@ def tables(tmp, upstream, quick, reps=3):
         for name, server in servers.items():
             server.restart()
             pin(server, upstream)
-            cpu, delays, rate, sent = flowing(server, upstream, 10, fast, 0.002)
+            cpu, delays, rate, sent, _ = flowing(server, upstream, 10, fast, 0.002)
             print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
-        _, delays, rate, sent = flowing(None, upstream, 10, fast, 0.002)
+        _, delays, rate, sent, _ = flowing(None, upstream, 10, fast, 0.002)
         print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
 
         print(f"\n### Memory with {open_count:,} silent streams open\n")
@@ -224,11 +238,12 @@ def against(tmp, upstream, other, reps=8):
         for server in servers.values():
             server.stop()
     print(f"\n### Ours, two checkouts: 100 streams x 20 tokens/s ({reps} alternating windows of 5 s each)\n")
-    print("| relay | CPU per 1,000 relayed events (median; each window) | added delay p99 of each window | all windows: p50 / p99 / max |")
-    print("|---|---:|---:|---:|")
-    for name, (cpus, p99s, delays) in results.items():
+    print("| relay | CPU per 1,000 relayed events (median; each window) | user / system µs per event (medians) |"
+          " added delay p99 of each window | all windows: p50 / p99 / max |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (cpus, p99s, delays, splits) in results.items():
         print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
-              f" {' / '.join(f'{p:.2f}' for p in p99s)} ms | {spread(delays)} |")
+              f" {user_system(splits)} | {' / '.join(f'{p:.2f}' for p in p99s)} ms | {spread(delays)} |")
 
 
 def many_open(tmp, upstream, count):
@@ -246,7 +261,7 @@ def many_open(tmp, upstream, count):
         opened = time.monotonic() - t0
         gevent.sleep(1)
         fds1, rss1 = fds(worker), rss_kb(worker)
-        _, delays, _, _ = flowing(server, upstream, 10, 5, 0.05)  # while they are all open
+        _, delays, _, _, _ = flowing(server, upstream, 10, 5, 0.05)  # while they are all open
         closed_at = time.monotonic()
         closing, delays_closed, still_open = close_all(clients, upstream, "many")
         while fds(worker) > fds0 and time.monotonic() < closed_at + 300:
