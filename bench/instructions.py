@@ -45,8 +45,7 @@ from cancel import pin  # noqa: E402
 from harness import ROOT, SSE, Upstream, get_json, scenario  # noqa: E402
 
 RELAYS = {"ours": "wsgi:app", "naive Flask relay": "bench.naive_relay:app", "floor: parsing, nothing else": "bench.floor_relay:app"}
-COUNTED = {"ours": "bench.counted:ours", "naive Flask relay": "bench.counted:naive",
-           "floor: parsing, nothing else": "bench.counted:floor"}
+COUNTED = dict(zip(RELAYS, ("bench.counted:ours", "bench.counted:naive", "bench.counted:floor")))  # with the callgrind routes
 
 TOGGLE_C = """
 #include <valgrind/callgrind.h>
