@@ -65,9 +65,9 @@ def text_of(kind, data):
 def flowing(server, upstream, streams, seconds, interval):
     """Relay `streams` streams, a piece every `interval` s, for `seconds`.
 
-    Returns (ms CPU per 1,000 events, delays in ms, events relayed / s, events the provider sent / s,
-    (user, system) µs CPU per event). With `server` None the clients read the provider
-    directly: the instrument alone, no CPU figures.
+    Returns ((user, system) µs CPU per event, i.e. ms per 1,000, delays in ms, events relayed / s,
+    events the provider sent / s). With `server` None the clients read the provider directly:
+    the instrument alone, no CPU figure.
     """
     worker = server.workers()[0] if server else None
     port, path = (server.port, "/api/chat") if server else (upstream.port, "/v1/chat/completions")
@@ -93,8 +93,8 @@ def flowing(server, upstream, streams, seconds, interval):
         c.close()
     sent = sum(start <= t <= end for tag in tags for t in upstream.record(tag)["piece_times"])
     gevent.sleep(1)
-    split = tuple((after - before) * 10**6 / len(delays) for before, after in zip(cpu0, cpu1)) if worker else None
-    return split and sum(split), delays, len(delays) / (end - start), sent / (end - start), split
+    cpu = tuple((after - before) * 10**6 / len(delays) for before, after in zip(cpu0, cpu1)) if worker else None
+    return cpu, delays, len(delays) / (end - start), sent / (end - start)
 
 
 def memory(server, count):
@@ -151,9 +151,11 @@ def close_all(clients, upstream, prefix, timeout=120):
     return closing, [(when - first) * 1000 for when in seen.values() if when], sum(1 for w in seen.values() if not w)
 
 
-def user_system(splits):
-    """The user / system cell of a table row: the medians of the windows' (user, system) µs per event."""
-    return " / ".join(f"{statistics.median(part):.1f}" for part in zip(*splits))
+def cpu_cells(cpus):
+    """The two CPU cells of a table row, from its windows' (user, system) µs per event: totals, then user / system."""
+    totals = [sum(cpu) for cpu in cpus]
+    return (f"{statistics.median(totals):.0f} ms ({', '.join(f'{t:.0f}' for t in totals)}) | "
+            + " / ".join(f"{statistics.median(part):.1f}" for part in zip(*cpus)))
 
 
 def spread(delays):
@@ -174,15 +176,14 @@ def relays(tmp, upstream):
 
 
 def windows(servers, upstream, reps, streams=100, seconds=5):
-    """Run `reps` windows of each server at `streams` x 20 tokens/s; return {name: (CPUs, p99s, all delays, (user, system)s)}."""
-    results = {name: ([], [], [], []) for name in servers}
+    """Run `reps` windows of each server at `streams` x 20 tokens/s; return {name: ((user, system) CPUs, p99s, all delays)}."""
+    results = {name: ([], [], []) for name in servers}
     names = list(servers)
     for rep in range(reps):
         # Each relay takes each place in the order once, so none always follows the same one.
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            cpu, delays, _, _, split = flowing(servers[name], upstream, streams, seconds, 0.05)
+            cpu, delays, _, _ = flowing(servers[name], upstream, streams, seconds, 0.05)
             results[name][0].append(cpu)
-            results[name][3].append(split)
             results[name][1].append(percentile(delays, 99))
             results[name][2].extend(delays)
     return results
@@ -199,10 +200,9 @@ def tables(tmp, upstream, quick, reps=3):
         print("| relay | CPU per 1,000 relayed events (median; each window) | user / system µs per event (medians) |"
               " added delay p50 / p99 / max |")
         print("|---|---:|---:|---:|")
-        for name, (cpus, _, delays, splits) in windows(servers, upstream, reps, streams, seconds).items():
-            print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
-                  f" {user_system(splits)} | {spread(delays)} |", flush=True)
-        _, delays, _, _, _ = flowing(None, upstream, streams, seconds, 0.05)
+        for name, (cpus, _, delays) in windows(servers, upstream, reps, streams, seconds).items():
+            print(f"| {name} | {cpu_cells(cpus)} | {spread(delays)} |", flush=True)
+        _, delays, _, _ = flowing(None, upstream, streams, seconds, 0.05)
         print(f"| the instrument alone: clients read the provider directly | — | — | {spread(delays)} |", flush=True)
 
         print(f"\n### A fast provider: 10 streams x 500 tokens/s for {fast} s\n")
@@ -211,9 +211,9 @@ def tables(tmp, upstream, quick, reps=3):
         for name, server in servers.items():
             server.restart()
             pin(server, upstream)
-            cpu, delays, rate, sent, _ = flowing(server, upstream, 10, fast, 0.002)
-            print(f"| {name} | {cpu:.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
-        _, delays, rate, sent, _ = flowing(None, upstream, 10, fast, 0.002)
+            cpu, delays, rate, sent = flowing(server, upstream, 10, fast, 0.002)
+            print(f"| {name} | {sum(cpu):.0f} ms | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
+        _, delays, rate, sent = flowing(None, upstream, 10, fast, 0.002)
         print(f"| the instrument alone | — | {sent:,.0f} / {rate:,.0f} | {spread(delays)} |", flush=True)
 
         print(f"\n### Memory with {open_count:,} silent streams open\n")
@@ -241,9 +241,8 @@ def against(tmp, upstream, other, reps=8):
     print("| relay | CPU per 1,000 relayed events (median; each window) | user / system µs per event (medians) |"
           " added delay p99 of each window | all windows: p50 / p99 / max |")
     print("|---|---:|---:|---:|---:|")
-    for name, (cpus, p99s, delays, splits) in results.items():
-        print(f"| {name} | {statistics.median(cpus):.0f} ms ({', '.join(f'{c:.0f}' for c in cpus)}) |"
-              f" {user_system(splits)} | {' / '.join(f'{p:.2f}' for p in p99s)} ms | {spread(delays)} |")
+    for name, (cpus, p99s, delays) in results.items():
+        print(f"| {name} | {cpu_cells(cpus)} | {' / '.join(f'{p:.2f}' for p in p99s)} ms | {spread(delays)} |")
 
 
 def many_open(tmp, upstream, count):
@@ -261,7 +260,7 @@ def many_open(tmp, upstream, count):
         opened = time.monotonic() - t0
         gevent.sleep(1)
         fds1, rss1 = fds(worker), rss_kb(worker)
-        _, delays, _, _, _ = flowing(server, upstream, 10, 5, 0.05)  # while they are all open
+        _, delays, _, _ = flowing(server, upstream, 10, 5, 0.05)  # while they are all open
         closed_at = time.monotonic()
         closing, delays_closed, still_open = close_all(clients, upstream, "many")
         while fds(worker) > fds0 and time.monotonic() < closed_at + 300:

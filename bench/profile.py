@@ -104,7 +104,8 @@ def cpu(tmp, upstream, seconds):
             worker, out = server.workers()[0], tmp / f"{name.split()[0]}.txt"
             spy = subprocess.Popen([PY_SPY, "record", "-p", str(worker), "-r", "500", "-d", str(int(seconds) + 1), "-f", "raw",
                                     "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            per_1000, _, _, _, _ = flowing(server, upstream, 100, seconds, 0.05)
+            cpu, _, _, _ = flowing(server, upstream, 100, seconds, 0.05)
+            per_1000 = sum(cpu)
             while spy.poll() is None:
                 gevent.sleep(0.2)
             if spy.returncode:
