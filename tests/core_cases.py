@@ -68,6 +68,40 @@ def stop_while_the_row_is_written(url, tmp):
     return {"events": kinds, "row": db.get_generation(settings.database_url, "gen_late_stop")}
 
 
+def reads_wait_once_drained(url, tmp):
+    """Read a stream of 20 events 20 ms apart, then a silence, through the relay's session; count failed reads."""
+    from providers.base import http
+
+    class Counting:
+        """The OS socket under gevent's, counting the reads the kernel refused (EAGAIN)."""
+        def __init__(self, real):
+            self.real, self.reads, self.refused = real, 0, 0
+
+        def recv_into(self, *args):
+            self.reads += 1
+            try:
+                return self.real.recv_into(*args)
+            except BlockingIOError:
+                self.refused += 1
+                raise
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    body = scenario(tag="drained", tokens=30, interval=0.02, silence_after=20, silence=5)
+    resp = http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=(2, 0.5))
+    sock = resp.raw.connection.sock
+    sock._sock = counting = Counting(sock._sock)
+    events, error, started = 0, None, time.monotonic()
+    try:
+        for line in resp.iter_lines():
+            events += line.startswith(b"data: {")
+    except requests.ConnectionError as exc:  # the read timeout, in the silence
+        error = type(exc).__name__
+    return {"events": events, "reads": counting.reads, "refused": counting.refused, "error": error,
+            "seconds": time.monotonic() - started}
+
+
 if __name__ == "__main__":
     case, url, tmp = sys.argv[1:4]
     print(json.dumps(globals()[case](url, tmp)), flush=True)

@@ -29,3 +29,15 @@ def test_a_stop_while_the_row_is_written_loses_no_row(upstream, tmp_path):
     assert result["events"] == ["event: start", "event: delta", "event: delta", "event: done"]
     row = result["row"]
     assert row["status"] == "complete" and row["text"] == "tok0 tok1 " and row["ended_at"]
+
+
+def test_a_drained_provider_socket_is_waited_on_not_read(upstream, tmp_path):
+    """Between events a provider's socket is empty: the relay's session waits for it instead of
+    first asking the kernel for bytes it has not got (a system call and an exception per event),
+    and its read timeout still holds in a silence."""
+    result = run_case("reads_wait_once_drained", upstream, tmp_path)
+    assert result["events"] >= 20, result  # the tokens, and the role and usage chunks around them
+    assert result["refused"] <= 2, result  # gevent's own recv: one refused read per event (~20)
+    assert result["reads"] >= 20
+    assert result["error"] == "ConnectionError"  # requests' ReadTimeout... from urllib3's
+    assert result["seconds"] < 3  # 0.4 s of events, then the 0.5 s read timeout, not the 5 s silence
