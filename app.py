@@ -21,6 +21,7 @@ import diagnostics
 import metrics
 import providers
 import stops
+import sse
 from sse import Cancelled, EventStream, ServerSentEvent, to_json, when_idle
 
 log = logging.getLogger("relay")
@@ -215,6 +216,7 @@ def create_app(settings=None):
         # X-Forwarded-For header is never believed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
     db.init(settings.database_url)
+    sse.init_app(app)  # events written by the producer itself, without waking the writer
     if settings.provider == "demo":
         demo.init_app(app)  # the demo model's routes exist only when it is the provider
     stops.init_app(app)

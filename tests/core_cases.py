@@ -102,6 +102,61 @@ def reads_wait_once_drained(url, tmp):
             "seconds": time.monotonic() - started}
 
 
+def producer_writes_when_the_writer_waits(url, tmp):
+    """With the server's write() in the environ (sse.init_app), the producer writes each event itself, in order."""
+    log = []  # what reached the client, in order: the producer's writes and what the body yielded
+
+    def write(data):
+        log.append(("write", data.decode(), gevent.getcurrent() is stream._producer))
+        gevent.sleep(0.03)  # a write that blocks a while: a keepalive due meanwhile must wait
+        log.append(("written", None, None))
+
+    def events():
+        for i in range(5):
+            yield sse.ServerSentEvent("delta", {"i": i})
+            gevent.sleep(0.05)
+
+    stream = sse.EventStream(events(), environ={sse.WRITE_KEY: write}, keepalive=0.01)
+    for item in stream:
+        log.append(("yield", item.decode(), False))
+    deltas = [data for kind, data, _ in log if kind in ("write", "yield") and data.startswith("event: delta")]
+    inside_a_write = False
+    for kind, data, _ in log:
+        inside_a_write = kind == "write" or (inside_a_write and kind != "written")
+        if kind == "yield" and inside_a_write:
+            return {"interleaved": data}
+    return {"by_producer": sum(1 for kind, data, mine in log if kind == "write" and mine and data.startswith("event: delta")),
+            "order": [json.loads(d.split("data: ", 1)[1])["i"] for d in deltas],
+            "keepalives": sum(1 for kind, data, _ in log if kind == "yield" and data.startswith(": keepalive"))}
+
+
+def stop_while_the_producer_writes(url, tmp):
+    """A Stop (the client still there) lands while the producer is inside a write that blocks."""
+    written, seen = [], []
+
+    def write(data):
+        written.append(data[:7])
+        gevent.sleep(0.3)  # a client that reads slowly: the write waits for room
+        written.append(data[7:])
+
+    def events():
+        try:
+            yield sse.ServerSentEvent("delta", {"text": "x" * 100})
+            gevent.sleep(30)  # the provider, silent
+        except sse.Cancelled as stop:
+            seen.append(stop.reason)
+            yield sse.ServerSentEvent("done", {"status": "cancelled"})
+
+    stream = sse.EventStream(events(), environ={sse.WRITE_KEY: write}, keepalive=5)
+    body = iter(stream)
+    waiter = gevent.spawn(lambda: [item for item in body])
+    gevent.sleep(0.1)  # the producer is in its write
+    stream.stop("stopped")
+    yielded = waiter.get(timeout=5)
+    stream.close()
+    return {"written": b"".join(written).decode(), "yielded": b"".join(yielded).decode(), "seen": seen}
+
+
 if __name__ == "__main__":
     case, url, tmp = sys.argv[1:4]
     print(json.dumps(globals()[case](url, tmp)), flush=True)

@@ -41,3 +41,22 @@ def test_a_drained_provider_socket_is_waited_on_not_read(upstream, tmp_path):
     assert result["reads"] >= 20
     assert result["error"] == "ConnectionError"  # requests' ReadTimeout... from urllib3's
     assert result["seconds"] < 3  # 0.4 s of events, then the 0.5 s read timeout, not the 5 s silence
+
+
+def test_the_producer_writes_events_itself_while_the_writer_waits(upstream, tmp_path):
+    """sse.init_app passes the server's write() on: each event is written by the greenlet that
+    read it, in order, and no keepalive is slipped in while a write is under way."""
+    result = run_case("producer_writes_when_the_writer_waits", upstream, tmp_path)
+    assert "interleaved" not in result, result
+    assert result["by_producer"] == 5, result
+    assert result["order"] == [0, 1, 2, 3, 4]
+    assert result["keepalives"] >= 1  # the 50 ms silences between events still get theirs
+
+
+def test_a_stop_waits_for_the_producers_write_then_cancels_where_it_waits(upstream, tmp_path):
+    """A kill inside the write would leave the client half an event and skip the events'
+    own `except Cancelled`; the Stop lands once the write is done, where the producer waits."""
+    result = run_case("stop_while_the_producer_writes", upstream, tmp_path)
+    assert result["written"] == 'event: delta\ndata: {"text": "' + "x" * 100 + '"}\n\n'
+    assert result["seen"] == ["stopped"]
+    assert result["yielded"] == 'event: done\ndata: {"status": "cancelled"}\n\n'
