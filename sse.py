@@ -13,6 +13,10 @@ This module holds the links that live in the worker:
   upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
                       that ends mid-event, so no truncated event is ever relayed.
 
+With init_app(app), the greenlet that reads the provider also writes each event to the
+client while nothing else is being written; without it every event is handed to the
+response's own greenlet. Either way a Stop lands between writes, never inside one.
+
 Servers: gunicorn's gevent worker (monkey-patched: the fast path, everything on one loop);
 gunicorn's gthread worker and `flask run` (threads: the producer gets a thread of its own,
 one watcher thread per process polls every client socket, and a Stop shuts the provider's

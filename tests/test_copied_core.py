@@ -18,6 +18,8 @@ from harness import PYTHON, ROOT, SSE, free_port, full_accept_queue, open_fds, p
 SERVERS = {
     # --no-control-socket: several gunicorns at once in the tests would share one.
     "gevent": ["-m", "gunicorn", "--no-control-socket", "-k", "gevent", "myapp:app"],
+    # The snippet as it was before init_app: every event handed to the writer's greenlet.
+    "gevent, no init_app": ["-m", "gunicorn", "--no-control-socket", "-k", "gevent", "myapp:app"],
     "gthread": ["-m", "gunicorn", "--no-control-socket", "-k", "gthread", "--threads", "16", "myapp:app"],
     "flask run": ["-m", "flask", "--app", "myapp", "run"],
 }
@@ -45,6 +47,10 @@ class CopiedApp:
     def __init__(self, tmp_path, server, upstream, args=(), **env):
         for name in ("sse.py", os.path.join("examples", "myapp.py")):
             shutil.copy(os.path.join(ROOT, name), tmp_path)
+        if server.endswith("no init_app"):
+            myapp = tmp_path / "myapp.py"
+            myapp.write_text(re.sub(r"\ninit_app\(app\).*", "", myapp.read_text()))
+            assert "init_app(app)" not in myapp.read_text()
         self.port = free_port()
         bind = ["--port", str(self.port)] if server == "flask run" else ["-b", f"127.0.0.1:{self.port}"]
         self.log_path = tmp_path / f"{server.replace(' ', '-')}-{self.port}.log"

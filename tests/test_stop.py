@@ -48,6 +48,25 @@ def test_a_stop_request_stops_the_stream_and_the_provider(relay, upstream):
     assert stop(relay, gen_id) == (200, body | {"lease_expires_at": None})  # idempotent
 
 
+def test_a_stop_while_the_worker_is_blocked_writing_to_a_slow_client(relay, upstream):
+    """A client that stops reading fills the socket: the producer waits inside a write of a large
+    event. The stop must wait for that write, not cut it: the client, reading again, gets a
+    whole stream ending in `cancelled`, and the log agrees."""
+    t = tag()
+    s = SSE(relay.port, scenario(tag=t, tokens=200, interval=0.001, pad=300_000))
+    gen_id = s.read_until("delta", 1)[0][1]["id"]
+    poll(lambda: upstream.record(t).get("pieces_sent", 0), lambda sent: sent >= 10, 10)  # megabytes unread: writes block
+    time.sleep(0.3)
+    status, body = stop(relay, gen_id)
+    assert status == 200 and body["cancel_reason"] == "stop_request"
+    rest = [e for e in s.read_all(timeout=20) if e[0] != ":"]  # a cut write would break the chunked framing here
+    assert rest[-1][0] == "cancelled", rest[-1][:2]
+    assert all(kind == "delta" and len(data["text"]) > 300_000 for kind, data, _ in rest[:-1])
+    assert upstream.wait_closed(t)["closed_at"] is not None
+    gen = relay.generation(gen_id)
+    assert gen["status"] == "cancelled" and gen["cancel_reason"] == "stop_request"
+
+
 def test_a_stop_landing_on_the_worker_holding_the_stream_acts_at_once(relay, upstream):
     """Not on the next re-check of the store (every 100 ms on SQLite): the worker stops its own stream."""
     delays = []
