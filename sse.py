@@ -255,7 +255,7 @@ class EventStream:
     def _emit(self, event):
         """Write the producer's event to the client itself when the writer is idle; else hand it over."""
         # Writing here saves the writer's wake-up: two greenlet switches and a loop callback
-        # per event, ~8 % of the relay's instructions (bench/instructions.py). Only while the
+        # per event, ~11 % of the relay's instructions (bench/instructions.py). Only while the
         # writer waits with nothing queued (so events keep their order and never interleave
         # with a keepalive) and before any Stop (so a kill can find the producer in a write
         # only if the write began first, and then waits for it: _kill).
@@ -271,7 +271,7 @@ class EventStream:
         if self._quiet is not None:
             self._quiet.touch()
         if self._kill_after_write:
-            self._producer.kill(Cancelled(self.reason, self.stopped_at), block=False)  # lands where it next waits
+            self._kill()  # lands where the producer next waits
 
     def _put(self, event):
         """Hand an event to the writer: called by the producer, and in the loop by a keepalive or the end."""

@@ -33,7 +33,7 @@ class _WaitingWhenDrained:
 
     gevent's recv first asks the kernel and waits only on EAGAIN. Between two events a
     stream's socket is empty, so that first call fails on every event: a system call and
-    an exception for nothing, ~10,000 instructions (bench/instructions.py). A read that
+    an exception for nothing, ~4,900 instructions (bench/instructions.py). A read that
     returned less than it asked for left the socket empty, so the next one waits first.
     """
 
