@@ -26,16 +26,27 @@ blocking_sleep = monkey.get_original("time", "sleep")
 
 def fin_while_the_loop_is_busy(url, tmp):
     """Stop a stream waiting in a silence, then keep the loop from running anything for 0.5 s."""
+    return _stop_then_block_the_loop(url, scenario(tag="busy-loop", tokens=100, interval=0.01, silence_after=2, silence=30),
+                                     pieces=2)
+
+
+def fin_before_headers_while_the_loop_is_busy(url, tmp):
+    """Stop a stream whose provider has not answered yet, then keep the loop from running anything for 0.5 s."""
+    return _stop_then_block_the_loop(url, scenario(tag="busy-headers", header_delay=30), pieces=0)
+
+
+def _stop_then_block_the_loop(url, chat, pieces):
     def events():
-        body = scenario(tag="busy-loop", tokens=100, interval=0.01, silence_after=2, silence=30)
-        with requests.post(url + "/v1/chat/completions", json=body, stream=True) as resp:
+        yield sse.ServerSentEvent("start")
+        with requests.post(url + "/v1/chat/completions", json=chat, stream=True) as resp:
             for chunk in sse.iter_chunks(resp):
                 yield sse.ServerSentEvent("delta", chunk.decode())
 
     stream = sse.EventStream(events(), environ={}, keepalive=5)
     body = iter(stream)
-    next(body), next(body)  # two pieces: the producer now waits in the silence
-    gevent.sleep(0.1)
+    for _ in range(1 + pieces):
+        next(body)  # the start, and `pieces` pieces
+    gevent.sleep(0.1)  # the producer now waits: in the silence, or for the headers
     stopped = time.monotonic()
     stream.stop("client_disconnect")
     blocking_sleep(0.5)  # as if 0.5 s of other streams' teardown were queued before the kill

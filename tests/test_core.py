@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from harness import PYTHON, ROOT
 
 
@@ -13,11 +15,14 @@ def run_case(case, upstream, tmp_path):
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_stop_sends_the_provider_its_fin_even_while_the_loop_is_busy(upstream, tmp_path):
+@pytest.mark.parametrize("case, tag", [("fin_while_the_loop_is_busy", "busy-loop"),
+                                       ("fin_before_headers_while_the_loop_is_busy", "busy-headers")],
+                         ids=["reading the body", "waiting for headers"])
+def test_stop_sends_the_provider_its_fin_even_while_the_loop_is_busy(upstream, tmp_path, case, tag):
     """The FIN goes out inside stop(), not when the producer next runs: when hundreds of
     streams stop at once, none waits for the others' teardown."""
-    result = run_case("fin_while_the_loop_is_busy", upstream, tmp_path)
-    record = upstream.wait_closed("busy-loop")
+    result = run_case(case, upstream, tmp_path)
+    record = upstream.wait_closed(tag)
     assert result["reason"] == "client_disconnect"
     assert record["closed_at"] is not None
     assert record["closed_at"] - result["stopped"] < 0.25  # the loop was blocked for 0.5 s after stop()
