@@ -1,6 +1,6 @@
 """Cancel propagation and relay latency on loopback, ours vs the naive Flask relay; prints tables.
 
-    .venv/bin/python bench/cancel.py [--quick] [--only one|crowd|burst|nginx|latency ...] [--runs N]
+    .venv/bin/python bench/cancel.py [--quick] [--only one|crowd|burst|nginx|latency ...] [--runs N] [--keep-cores-awake]
 
 Everything is a real process: the fake provider (tests/fake_upstream.py), gunicorn with one
 gevent worker for each relay, nginx from deploy/nginx.conf when installed, and this client
@@ -12,6 +12,7 @@ the others (nginx, when there, runs anywhere).
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +37,9 @@ SETTLE = 0.2  # seconds
 
 
 CORES = sorted(os.sched_getaffinity(0))  # before pin() narrows this process's own
+# The instrument again with its client on the relays' core, so each close wakes the
+# provider's core from another, as a relay's FIN does: what that costs the VM, not the relay.
+ACROSS = "fake provider alone, its client on another core"
 
 
 def pin(server, upstream):
@@ -51,6 +55,24 @@ def pin(server, upstream):
     os.sched_setaffinity(server.workers()[0], CORES[-1:])
     for pid in (0, upstream.proc.pid):
         os.sched_setaffinity(pid, CORES[:-1])
+
+
+def keep_cores_awake():
+    """Start one busy loop per core at SCHED_IDLE priority; return them, to kill() when done.
+
+    A VM whose idle vCPUs halt (no cpuidle driver: plain HLT, as in Firecracker) wakes one
+    only when the host schedules it again, measured here at up to ~5 ms: a close whose
+    wake-up lands on a halted core pays that, whatever the relay does. A SCHED_IDLE loop
+    keeps each core running and gives way to any other task at once: what is left is the
+    relay's own time. (On bare metal a C-state exit takes microseconds.)
+    """
+    spinners = []
+    for core in CORES:
+        def setup(core=core):
+            os.sched_setaffinity(0, {core})
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        spinners.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=setup))
+    return spinners
 
 
 def percentile(values, p):
@@ -130,6 +152,8 @@ def summarize(samples):
 def cancel_table(upstream, targets, runs, background):
     rows = []
     for name, (port, path) in targets.items():
+        if name == ACROSS:
+            os.sched_setaffinity(0, CORES[-1:])
         # The crowd streams at 20 tokens/s (one piece per 50 ms each).
         streams = open_streams(upstream, port, background, "crowd", path) if background else []
         for phase in ("tokens flowing", "before headers", "mid-stream silence"):
@@ -141,6 +165,8 @@ def cancel_table(upstream, targets, runs, background):
             rows.append((name, phase, summarize(samples)))
         for stream in streams:
             stream.close()
+        if name == ACROSS:
+            os.sched_setaffinity(0, CORES[:-1])
         time.sleep(0.5)
     return rows
 
@@ -203,6 +229,8 @@ def main():
     parser.add_argument("--only", choices=TABLES, action="append", help="print only this table (repeatable)")
     parser.add_argument("--runs", type=int, help="closes per relay and phase in the one-stream tables (default 30;"
                         " p99 of 30 is the slowest one, of 200 the third slowest)")
+    parser.add_argument("--keep-cores-awake", action="store_true", help="run a SCHED_IDLE busy loop on every core, so"
+                        " no close waits for the VM to wake a halted vCPU (see keep_cores_awake)")
     args = parser.parse_args()
     tables = args.only or TABLES
     runs, crowd = (5, 20) if args.quick else (30, 200)
@@ -221,13 +249,19 @@ def main():
 
     pin(ours, upstream)
     pin(naive, upstream)
+    spinners = keep_cores_awake() if args.keep_cores_awake else []
     try:
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback")
-        targets = {"fake provider alone (the instrument)": (upstream.port, "/v1/chat/completions"),
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per relay, loopback"
+              + (", every core kept awake (SCHED_IDLE busy loops)" if spinners else ""))
+        instrument = (upstream.port, "/v1/chat/completions")
+        targets = {"fake provider alone (the instrument)": instrument,
                    **{name: (port, "/api/chat") for name, port in relays.items()}}
         if "one" in tables:
+            one = dict(targets)
+            if len(CORES) > 1:
+                one = {"fake provider alone (the instrument)": instrument, ACROSS: instrument, **targets}
             print_cancel("Cancel propagation, one stream (client close -> provider sees its connection close)",
-                         cancel_table(upstream, targets, runs, 0))
+                         cancel_table(upstream, one, runs, 0))
             restart_naive()
         if "crowd" in tables:
             print_cancel(f"Cancel propagation, one stream while {crowd} others stream at 20 tokens/s",
@@ -253,6 +287,8 @@ def main():
             for name, n, p50, p99, added in latency_table(upstream, relays, 200 if not args.quick else 50):
                 print(f"| {name} | {n} | {p50:.2f} | {p99:.2f} | {added:.2f} |")
     finally:
+        for spinner in spinners:
+            spinner.kill()
         if nginx:
             nginx.stop()
         naive.stop()

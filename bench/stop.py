@@ -1,6 +1,6 @@
 """Stop-request and lease latency on loopback; prints tables.
 
-    .venv/bin/python bench/stop.py [--quick]
+    .venv/bin/python bench/stop.py [--quick] [--keep-cores-awake]
 
 A stop request is timed from sending `POST /api/generations/<id>/stop` (on a kept-alive
 connection, as a browser's would be) to the moment the provider sees its connection close
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from harness import SSE, Postgres, Server, Upstream, poll, postgres_bindir, scenario  # noqa: E402
-from cancel import percentile  # noqa: E402
+from cancel import keep_cores_awake, percentile  # noqa: E402
 
 PHASES = {"tokens flowing": {"tokens": 100000, "interval": 0.02},
           "mid-stream silence": {"tokens": 100000, "interval": 0.02, "silence_after": 3, "silence": 30}}
@@ -94,6 +94,8 @@ def row(name, phase, samples):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs, for a smoke test")
+    parser.add_argument("--keep-cores-awake", action="store_true", help="a SCHED_IDLE busy loop on every core (as in"
+                        " bench/cancel.py): no stop waits for the VM to wake a halted vCPU")
     args = parser.parse_args()
     runs = 20 if args.quick else 50
     tmp = Path(tempfile.mkdtemp(prefix="bench-stop-"))
@@ -102,6 +104,7 @@ def main():
     shared_db = str(tmp / "shared.db")
     servers = []
     pg = Postgres(postgres_bindir()) if postgres_bindir() else None
+    spinners = keep_cores_awake() if args.keep_cores_awake else []
     try:
         one = Server(tmp, **common)
         a = Server(tmp, GENERATIONS_DB=shared_db, INSTANCE_ID="a", **common)
@@ -113,7 +116,8 @@ def main():
             pb = Server(tmp, DATABASE_URL=pg.url, INSTANCE_ID="pb", **common)
             servers += [pa, pb]
             pairs["other instance, Postgres"] = (pa, pb)
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per gunicorn, loopback")
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, one gevent worker per gunicorn, loopback"
+              + (", every core kept awake (SCHED_IDLE busy loops)" if spinners else ""))
         print("\n### Stop request -> provider sees its connection close\n")
         print("| stop lands on | phase | runs | p50 ms | p99 ms | not seen in 2 s |")
         print("|---|---|---:|---:|---:|---:|")
@@ -142,6 +146,8 @@ def main():
             print(f"| {name} | {len(results)} | {percentile(seen, 50):.0f} | {percentile(seen, 99):.0f} |"
                   f" {len(results) - len(seen)} |", flush=True)
     finally:
+        for spinner in spinners:
+            spinner.kill()
         for server in servers:
             server.stop()
         upstream.stop()
