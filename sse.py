@@ -164,7 +164,7 @@ class EventStream:
         # Events the producer has read and the writer not yet sent: threads share a Queue;
         # greenlets a list and a Waiter, as cheap a hand-over as gevent has (see _put).
         self._queue = queue.Queue() if self._threads else None
-        self._ready, self._waiter, self._quiet = [], None, None
+        self._ready, self._waiter, self._quiet, self._watcher = [], None, None, None
         self._write, self._writing, self._kill_after_write = None, False, False
         self._producer = None
         self.reason = None  # why the stream was stopped, if it was
@@ -173,7 +173,7 @@ class EventStream:
         self._upstream_sock = None  # the provider's socket, from before it connects
         self._lock = threading.Lock()
         self._producing = False
-        self._body = self._run_threads() if self._threads else self._run()
+        self._body = self._run()
 
     def __iter__(self):
         return self._body
@@ -218,17 +218,19 @@ class EventStream:
             self._producer.kill(Cancelled(self.reason, self.stopped_at), block=False)
 
     def _run(self):
-        self._loop = gevent.get_hub().loop
-        self._write = self._environ.get(WRITE_KEY)  # set by init_app(app), once start_response has run
-        self._producer = gevent.spawn(self._produce)
-        self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
-        self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
-        watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
-        if self._keepalive:
-            self._quiet = Quiet(self._keepalive, self._keepalive_due)  # touched by every write
+        """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
+        # One generator, not one per stage: a greenlet parked under each generator it
+        # resumes keeps ~0.9 KB more of C stack for as long as the stream is open.
+        self._start_threads() if self._threads else self._start()
         _live.add(self)
         try:
-            yield from self._relay()
+            while True:
+                events = self._take()
+                # After a server shutdown the client is still there for the last events.
+                if self.reason != "client_disconnect" and (data := b"".join([e.encode() for e in events if e is not _END])):
+                    yield data
+                if events[-1] is _END:
+                    return
         except GeneratorExit:
             self.stop("client_disconnect")  # a write failed: the second line of detection
             raise
@@ -237,22 +239,31 @@ class EventStream:
             raise
         finally:
             _live.discard(self)
-            if self._quiet is not None:
-                self._quiet.close()
-            if watcher is not None:
-                watcher.close()
+            self._unwatch()
             self.stop("client_disconnect")
             self._producer.join()  # the producer has closed the upstream and written its row
 
-    def _relay(self):
-        """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
-        while True:
-            events = self._take()
-            # After a server shutdown the client is still there for the last events.
-            if self.reason != "client_disconnect" and (data := b"".join([e.encode() for e in events if e is not _END])):
-                yield data
-            if events[-1] is _END:
-                return
+    def _start(self):
+        """Start the producer greenlet, the client watcher and the keepalive timer; on the first next()."""
+        self._loop = gevent.get_hub().loop
+        self._write = self._environ.get(WRITE_KEY)  # set by init_app(app), once start_response has run
+        self._producer = gevent.spawn(self._produce)
+        self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
+        self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
+        self._watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
+        if self._keepalive:
+            self._quiet = Quiet(self._keepalive, self._keepalive_due)  # touched by every write
+
+    def _unwatch(self):
+        """Stop watching the client and the silence, once the response ends."""
+        if self._threads:
+            if self._sock is not None:
+                _ThreadWatcher.get().remove(self._sock)
+            return
+        if self._quiet is not None:
+            self._quiet.close()
+        if self._watcher is not None:
+            self._watcher.close()
 
     def _produce(self):
         for event in self._events:
@@ -305,24 +316,13 @@ class EventStream:
 
     # -- threads (gunicorn -k gthread, flask run) ------------------------------------------
 
-    def _run_threads(self):
+    def _start_threads(self):
+        """Start the producer thread and watch the client socket from the process's watcher thread."""
         self._producing = True
         self._producer = threading.Thread(target=self._produce_thread, name="sse-producer", daemon=True)
         self._producer.start()
         if self._sock is not None:
             _ThreadWatcher.get().add(self._sock, self)
-        _live.add(self)
-        try:
-            yield from self._relay()
-        except GeneratorExit:
-            self.stop("client_disconnect")  # a write failed: the second line of detection
-            raise
-        finally:
-            _live.discard(self)
-            if self._sock is not None:
-                _ThreadWatcher.get().remove(self._sock)
-            self.stop("client_disconnect")
-            self._producer.join()
 
     def _take_thread(self):
         try:
