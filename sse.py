@@ -221,7 +221,10 @@ class EventStream:
         """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
         # One generator, not one per stage: a greenlet parked under each generator it
         # resumes keeps ~0.9 KB more of C stack for as long as the stream is open.
-        self._start_threads() if self._threads else self._start()
+        if self._threads:
+            self._start_threads()
+        else:
+            self._start()
         _live.add(self)
         try:
             while True:

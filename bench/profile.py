@@ -43,7 +43,7 @@ CPU_CATEGORIES = [  # (name, frame substrings); a sample goes to the first whose
     ("SSE parsing (sseclient-py)", ["sseclient/"]),
     ("JSON decoding", ["json/decoder.py", "loads (json"]),
     ("event encoding (ServerSentEvent, JSON)", ["encode (sse.py", "json/encoder.py", "delta (app.py"]),
-    # (gevent's Queue is compiled: py-spy charges it to its caller, EventStream._relay, below)
+    # (gevent's Queue is compiled: py-spy charges it to its caller, EventStream._run, below)
     ("hand-over producer -> writer", ["_put (sse", "_take (sse", "Waiter", "queue.py"]),
     ("werkzeug response iterators", ["werkzeug/"]),
     ("relay logic (adapter, generation, sse.py, naive view)", ["providers/", "generation (app", "sse.py", "naive_relay"]),
