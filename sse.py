@@ -194,19 +194,13 @@ class EventStream:
                 # The body is being read: the provider gets its FIN now. The producer's
                 # unwinding can then wait until the loop has seen every other client that
                 # left: with many leaving at once, no FIN waits for another's teardown.
-                try:
-                    _os_socket(connection.sock).shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # already gone
+                _send_fin(connection.sock)
                 _kill_when_idle(self)
             else:
                 if self.upstream is None and self._upstream_sock is not None:
                     # Waiting for headers: the provider gets its FIN now as well (the
                     # kill's unwinding, ~0.3 ms of Python, closes it a little later).
-                    try:
-                        _os_socket(self._upstream_sock).shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass  # still connecting (then Linux aborts the connect) or gone
+                    _send_fin(self._upstream_sock)
                 # Cancelled, raised where the producer waits, closes the connection.
                 self._kill()
 
@@ -599,6 +593,14 @@ def watch_disconnect(sock, stop):
 
     watcher.start(readable)
     return watcher
+
+
+def _send_fin(sock):
+    """Shut the sending side of the provider's socket, so the provider sees the Stop now."""
+    try:
+        _os_socket(sock).shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # still connecting (Linux then aborts the connect), or gone already
 
 
 def _os_socket(sock):
