@@ -111,20 +111,26 @@ def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):
             yield delta(text)
         final = ServerSentEvent("done", {"status": "complete", "finish_reason": info.get("finish_reason"),
                                          "usage": info.get("usage")})
-    except Cancelled as stop:
-        row.update(status="cancelled", cancel_reason=stop.reason)
+    except gevent.GreenletExit as stop:
+        # Cancelled; or gunicorn killing its handler after graceful_timeout, which runs these
+        # events itself (sse.init_app) and must end.
+        row.update(status="cancelled", cancel_reason=getattr(stop, "reason", "server_shutdown"))
+        if not isinstance(stop, Cancelled):
+            raise
         if stop.stopped_at is not None and info.get("request_id") is not None:
             # The provider's connection is closed by now (the `with` in post_stream has exited).
             metrics.stop_closed(stop.reason, time.monotonic() - stop.stopped_at)
-    except providers.UpstreamError as exc:
-        row.update(status="error", error=f"{exc.type}: {exc.message}")
-        info["error_type"] = exc.type
-        final = ServerSentEvent("error", exc.event_data())
-    except Exception:
-        log.exception("generation %s failed", gen_id)
-        row.update(status="error", error="internal_error")
-        final = ServerSentEvent("error", {"status": "error", "type": "internal_error",
-                                          "message": "the relay failed; see the server log"})
+    except Exception as exc:
+        error = exc if source else providers.upstream_error(exc, settings)
+        if isinstance(error, providers.UpstreamError):
+            row.update(status="error", error=f"{error.type}: {error.message}")
+            info["error_type"] = error.type
+            final = ServerSentEvent("error", error.event_data())
+        else:
+            log.exception("generation %s failed", gen_id)
+            row.update(status="error", error="internal_error")
+            final = ServerSentEvent("error", {"status": "error", "type": "internal_error",
+                                              "message": "the relay failed; see the server log"})
     finally:
         stops.untrack(gen_id)
         # Before the last event, so a client that has read it finds the same outcome in the

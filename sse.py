@@ -13,9 +13,10 @@ This module holds the links that live in the worker:
   upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
                       that ends mid-event, so no truncated event is ever relayed.
 
-With init_app(app), the greenlet that reads the provider also writes each event to the
-client while nothing else is being written; without it every event is handed to the
-response's own greenlet. Either way a Stop lands between writes, never inside one.
+With init_app(app), the response's own greenlet reads the provider and writes each event
+to the client itself (one greenlet per stream; a keepalive gets a greenlet for its write);
+without it a producer greenlet reads and hands every event to the response's greenlet.
+Either way a Stop lands between writes, never inside one.
 
 Servers: gunicorn's gevent worker (monkey-patched: the fast path, everything on one loop);
 gunicorn's gthread worker and `flask run` (threads: the producer gets a thread of its own,
@@ -146,8 +147,8 @@ def _check_server(environ):
 class EventStream:
     """A WSGI response body that relays `events` (an iterator of ServerSentEvent).
 
-    The events run in their own greenlet (or thread) beside a watcher of the client socket;
-    whichever ends first ends the other. Keepalive comments fill any silence of `keepalive` seconds.
+    The events run in the response's greenlet (with init_app), or in a greenlet or thread of
+    their own, beside a watcher of the client socket; whichever ends first ends the other. Keepalive comments fill any silence of `keepalive` seconds.
     """
 
     def __init__(self, events, environ, keepalive=15.0):
@@ -166,7 +167,7 @@ class EventStream:
         self._queue = queue.Queue() if self._threads else None
         self._ready, self._waiter, self._quiet, self._watcher = [], None, None, None
         self._write, self._writing, self._kill_after_write = None, False, False
-        self._producer = None
+        self._producer, self._inline, self._pinger = None, False, None
         self.reason = None  # why the stream was stopped, if it was
         self.stopped_at = None
         self.upstream = None  # the upstream response being read (set by iter_chunks)
@@ -186,7 +187,7 @@ class EventStream:
         """End the stream for `reason`; callable from any greenlet or thread."""
         if self._threads:
             return self._stop_thread(reason)
-        if self.reason is None and self._producer is not None and not self._producer.dead:
+        if self.reason is None and self._producing:
             self.reason, self.stopped_at = reason, time.monotonic()
             # urllib3 sets connection to None once it has pooled or closed it.
             connection = getattr(getattr(self.upstream, "raw", None), "connection", None)
@@ -205,11 +206,19 @@ class EventStream:
                 self._kill()
 
     def _kill(self):
-        """Raise Cancelled where the producer waits; if it is writing to the client, once that write is done."""
+        """Raise Cancelled where the producer waits, from the loop; if it is writing to the client, once that write is done."""
+        self._loop.run_callback(self._cancel)
+
+    def _cancel(self):
+        # Checked here, in the loop: meanwhile the producer may have begun a write, or (the
+        # response's own greenlet) finished the events and gone back to gunicorn.
         if self._writing:
             self._kill_after_write = True  # a kill inside the write would leave the client half an event
+        elif self._inline:
+            if self._producing:
+                self._producer.throw(Cancelled(self.reason, self.stopped_at))
         else:
-            self._producer.kill(Cancelled(self.reason, self.stopped_at), block=False)
+            self._producer.kill(Cancelled(self.reason, self.stopped_at), block=False)  # even before it ran
 
     def _run(self):
         """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
@@ -221,6 +230,8 @@ class EventStream:
             self._start()
         _live.add(self)
         try:
+            if self._inline:
+                return self._produce()
             while True:
                 events = self._take()
                 # After a server shutdown the client is still there for the last events.
@@ -231,6 +242,8 @@ class EventStream:
         except GeneratorExit:
             self.stop("client_disconnect")  # a write failed: the second line of detection
             raise
+        except Cancelled:
+            pass  # the response's own greenlet, stopped in events that let Cancelled through
         except gevent.GreenletExit:
             self.stop("server_shutdown")  # gunicorn killed this handler after graceful_timeout
             raise
@@ -238,15 +251,27 @@ class EventStream:
             _live.discard(self)
             self._unwatch()
             self.stop("client_disconnect")
-            self._producer.join()  # the producer has closed the upstream and written its row
+            if self._inline:
+                del self._producer.event_stream  # gunicorn's greenlet serves the connection's next request
+                if self._pinger is not None:
+                    self._pinger.join()  # a keepalive's write, before gunicorn ends the body
+            else:
+                self._producer.join()  # the producer has closed the upstream and written its row
 
     def _start(self):
-        """Start the producer greenlet, the client watcher and the keepalive timer; on the first next()."""
+        """Start the client watcher and the keepalive timer, and the producer greenlet if one is needed; on the first next()."""
         self._loop = gevent.get_hub().loop
         self._write = self._environ.get(WRITE_KEY)  # set by init_app(app), once start_response has run
-        self._producer = gevent.spawn(self._produce)
+        # One greenlet per stream when the events can be written without yielding them: a
+        # second one, parked, costs ~7 KB of memory for as long as the stream is open.
+        self._inline = self._write is not None
+        if self._inline:
+            self._producer = gevent.getcurrent()
+        else:
+            self._producer = gevent.spawn(self._produce)
+            self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
         self._producer.event_stream = self  # how iter_chunks finds the stream it feeds
-        self._producer.link(lambda _: self._put(_END))  # even if killed before it ran
+        self._producing = True
         self._watcher = watch_disconnect(self._sock, self.stop) if self._sock is not None else None
         if self._keepalive:
             self._quiet = Quiet(self._keepalive, self._keepalive_due)  # touched by every write
@@ -263,21 +288,33 @@ class EventStream:
             self._watcher.close()
 
     def _produce(self):
-        for event in self._events:
-            self._emit(event)
+        try:
+            for event in self._events:
+                self._emit(event)
+        finally:
+            self._producing = False
 
     def _emit(self, event):
-        """Write the producer's event to the client itself when the writer is idle; else hand it over."""
+        """Write the producer's event to the client itself when it may; else hand it to the writer."""
+        if self._inline:
+            if self._pinger is not None:
+                self._pinger.join()  # a keepalive is being written
+            if self.reason != "client_disconnect":
+                self._send(event.encode())
         # Writing here saves the writer's wake-up: two greenlet switches and a loop callback
         # per event, ~11 % of the relay's instructions (bench/instructions.py). Only while the
         # writer waits with nothing queued (so events keep their order and never interleave
-        # with a keepalive) and before any Stop (so a kill can find the producer in a write
-        # only if the write began first, and then waits for it: _kill).
-        if self._write is None or self._waiter is None or self._ready or self.reason is not None:
-            return self._put(event)
+        # with a keepalive) and before any Stop (the writer yields what the events end with).
+        elif self._write is None or self._waiter is None or self._ready or self.reason is not None:
+            self._put(event)
+        else:
+            self._send(event.encode())
+
+    def _send(self, data):
+        """Write `data` to the client with the server's write(); a Stop that comes meanwhile waits for the write."""
         self._writing = True
         try:
-            self._write(event.encode())
+            self._write(data)
         except OSError:
             self.stop("client_disconnect")  # a failed write: the second line of detection
         finally:
@@ -285,7 +322,12 @@ class EventStream:
         if self._quiet is not None:
             self._quiet.touch()
         if self._kill_after_write:
+            self._kill_after_write = False
             self._kill()  # lands where the producer next waits
+
+    def _ping(self):
+        self._send(KEEPALIVE.encode())
+        self._pinger = None
 
     def _put(self, event):
         """Hand an event to the writer: called by the producer, and in the loop by a keepalive or the end."""
@@ -308,8 +350,12 @@ class EventStream:
         return events
 
     def _keepalive_due(self):
-        if self.reason is None and not self._producer.dead and not self._writing:
-            self._put(KEEPALIVE)
+        if self.reason is None and self._producing and not self._writing:
+            if self._inline:
+                # In the loop, which must not wait on a full socket: a greenlet writes it.
+                self._pinger = gevent.spawn(self._ping)
+            else:
+                self._put(KEEPALIVE)
 
     # -- threads (gunicorn -k gthread, flask run) ------------------------------------------
 
@@ -655,7 +701,7 @@ def iter_chunks(response, ends=SSE_ENDS):
         # The read timeout (requests' timeout=(connect, read)) as one timer per stream: the
         # socket's own timeout would start a gevent Timeout for every wait. urllib3 sets the
         # socket's timeout again for the connection's next request.
-        quiet = Quiet(sock.gettimeout(), lambda: producer.kill(socket.timeout("timed out"), block=False))
+        quiet = Quiet(sock.gettimeout(), lambda: producer.throw(socket.timeout("timed out")))
         sock.settimeout(None)
     tail = b""
     try:

@@ -19,6 +19,7 @@ def stream(settings, messages, max_tokens, info):
                "anthropic-version": API_VERSION}
     usage = {}
     with post_stream(settings, "/v1/messages", body, headers, info) as resp:
+        del body, headers  # the conversation, sent: not kept for the stream's life
         for event in sse_events(resp):
             data = json.loads(event.data)
             kind = event.event if event.event != "message" else data.get("type")

@@ -121,6 +121,12 @@ def post_stream(settings, path, body, headers, info):
         # A stream may stay open for minutes: keep only what reading the body needs, not the
         # request that was sent (the whole conversation), its headers and the cookie jar.
         resp.request = resp.cookies = resp.connection = None
+        # The headers are parsed three times over (http.client, urllib3, requests): one copy,
+        # urllib3's, which reads the body by it, is enough.
+        resp.headers = resp.raw.headers
+        original = getattr(resp.raw, "_original_response", None)
+        if original is not None:
+            original.headers = original.msg = None
         return resp
     with resp:
         conn = resp.raw.connection

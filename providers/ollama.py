@@ -11,6 +11,7 @@ def stream(settings, messages, max_tokens, info):
     if max_tokens is not None:
         body["options"] = {"num_predict": max_tokens}
     with post_stream(settings, "/api/chat", body, {"Accept": "application/x-ndjson"}, info) as resp:
+        del body  # the conversation, sent: not kept for the stream's life
         buffer = b""
         for chunk in iter_chunks(resp, ends=(b"\n",)):
             *lines, buffer = (buffer + chunk).split(b"\n")

@@ -15,22 +15,31 @@ def stream(settings, messages, max_tokens, info):
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
     with post_stream(settings, "/chat/completions", body, headers, info) as resp:
+        del body, headers  # the conversation, sent: not kept for the stream's life
         for event in sse_events(resp):
             if event.data.strip() == "[DONE]":
                 return
-            chunk = json.loads(event.data)
-            if "error" in chunk or event.event == "error":
-                err = chunk.get("error") if isinstance(chunk.get("error"), dict) else {}
-                raise UpstreamError(err.get("type") or "upstream_error",
-                                    f"upstream error mid-stream: {error_message(chunk) or event.data[:300]}")
-            if chunk.get("usage"):
-                info["usage"] = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                if choice.get("finish_reason"):
-                    info["finish_reason"] = choice["finish_reason"]
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    yield text
+            yield from _pieces(event, info)
     # Some servers omit [DONE]; a finish_reason still proves the answer was whole.
     if "finish_reason" not in info:
         raise UpstreamError("upstream_ended_early", "the upstream ended the stream before its final event")
+
+
+def _pieces(event, info):
+    """Return the text pieces of one chunk event and note its finish_reason and usage in info."""
+    # A function, so the parsed chunk is not kept while the stream waits for the next one.
+    chunk = json.loads(event.data)
+    if "error" in chunk or event.event == "error":
+        err = chunk.get("error") if isinstance(chunk.get("error"), dict) else {}
+        raise UpstreamError(err.get("type") or "upstream_error",
+                            f"upstream error mid-stream: {error_message(chunk) or event.data[:300]}")
+    if chunk.get("usage"):
+        info["usage"] = chunk["usage"]
+    pieces = []
+    for choice in chunk.get("choices") or ():
+        if choice.get("finish_reason"):
+            info["finish_reason"] = choice["finish_reason"]
+        text = (choice.get("delta") or {}).get("content")
+        if text:
+            pieces.append(text)
+    return pieces

@@ -114,11 +114,11 @@ def reads_wait_once_drained(url, tmp):
 
 
 def producer_writes_when_the_writer_waits(url, tmp):
-    """With the server's write() in the environ (sse.init_app), the producer writes each event itself, in order."""
-    log = []  # what reached the client, in order: the producer's writes and what the body yielded
+    """With the server's write() in the environ (sse.init_app), the response's own greenlet writes each event, in order."""
+    log = []  # what reached the client, in order: each write's start and end, and what the body yielded
 
     def write(data):
-        log.append(("write", data.decode(), gevent.getcurrent() is stream._producer))
+        log.append(("write", data.decode(), gevent.getcurrent() is reader))
         gevent.sleep(0.03)  # a write that blocks a while: a keepalive due meanwhile must wait
         log.append(("written", None, None))
 
@@ -128,17 +128,19 @@ def producer_writes_when_the_writer_waits(url, tmp):
             gevent.sleep(0.05)
 
     stream = sse.EventStream(events(), environ={sse.WRITE_KEY: write}, keepalive=0.01)
+    reader = gevent.getcurrent()  # the greenlet that iterates the body, as gunicorn's handler does
     for item in stream:
         log.append(("yield", item.decode(), False))
     deltas = [data for kind, data, _ in log if kind in ("write", "yield") and data.startswith("event: delta")]
     inside_a_write = False
     for kind, data, _ in log:
-        inside_a_write = kind == "write" or (inside_a_write and kind != "written")
-        if kind == "yield" and inside_a_write:
+        if kind in ("write", "yield") and inside_a_write:
             return {"interleaved": data}
-    return {"by_producer": sum(1 for kind, data, mine in log if kind == "write" and mine and data.startswith("event: delta")),
+        inside_a_write = kind == "write" or (inside_a_write and kind != "written")
+    return {"by_reader": sum(1 for kind, data, mine in log if kind == "write" and mine and data.startswith("event: delta")),
+            "yielded": sum(1 for kind, _, _ in log if kind == "yield"),
             "order": [json.loads(d.split("data: ", 1)[1])["i"] for d in deltas],
-            "keepalives": sum(1 for kind, data, _ in log if kind == "yield" and data.startswith(": keepalive"))}
+            "keepalives": sum(1 for kind, data, _ in log if kind == "write" and data.startswith(": keepalive"))}
 
 
 def stop_while_the_producer_writes(url, tmp):
@@ -166,6 +168,21 @@ def stop_while_the_producer_writes(url, tmp):
     yielded = waiter.get(timeout=5)
     stream.close()
     return {"written": b"".join(written).decode(), "yielded": b"".join(yielded).decode(), "seen": seen}
+
+
+def stop_as_the_events_end(url, tmp):
+    """A Stop whose Cancelled is still on its way when the events end: the response's greenlet has gone back to the server."""
+    def events():
+        yield sse.ServerSentEvent("delta", {"i": 0})
+        stream.stop("late")  # raised from the loop, after these events have ended
+
+    stream = sse.EventStream(events(), environ={sse.WRITE_KEY: lambda data: None}, keepalive=5)
+    list(stream)
+    try:
+        gevent.sleep(0.1)  # the server's greenlet, waiting for the connection's next request
+    except sse.Cancelled as exc:
+        return {"cancelled_in_the_server": exc.reason}
+    return {"cancelled_in_the_server": None}
 
 
 if __name__ == "__main__":

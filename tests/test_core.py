@@ -48,12 +48,14 @@ def test_a_drained_provider_socket_is_waited_on_not_read(upstream, tmp_path):
     assert result["seconds"] < 3  # 0.4 s of events, then the 0.5 s read timeout, not the 5 s silence
 
 
-def test_the_producer_writes_events_itself_while_the_writer_waits(upstream, tmp_path):
-    """sse.init_app passes the server's write() on: each event is written by the greenlet that
-    read it, in order, and no keepalive is slipped in while a write is under way."""
+def test_with_init_app_the_responses_own_greenlet_reads_and_writes_each_event(upstream, tmp_path):
+    """sse.init_app passes the server's write() on: the greenlet that iterates the body reads
+    the events and writes each itself, in order (one greenlet per stream), and a keepalive,
+    written by a greenlet of its own in a silence, never overlaps an event's write."""
     result = run_case("producer_writes_when_the_writer_waits", upstream, tmp_path)
     assert "interleaved" not in result, result
-    assert result["by_producer"] == 5, result
+    assert result["by_reader"] == 5, result
+    assert result["yielded"] == 0, result
     assert result["order"] == [0, 1, 2, 3, 4]
     assert result["keepalives"] >= 1  # the 50 ms silences between events still get theirs
 
@@ -62,6 +64,13 @@ def test_a_stop_waits_for_the_producers_write_then_cancels_where_it_waits(upstre
     """A kill inside the write would leave the client half an event and skip the events'
     own `except Cancelled`; the Stop lands once the write is done, where the producer waits."""
     result = run_case("stop_while_the_producer_writes", upstream, tmp_path)
-    assert result["written"] == 'event: delta\ndata: {"text": "' + "x" * 100 + '"}\n\n'
+    assert result["written"] == ('event: delta\ndata: {"text": "' + "x" * 100 + '"}\n\n'
+                                 'event: done\ndata: {"status": "cancelled"}\n\n'), result
     assert result["seen"] == ["stopped"]
-    assert result["yielded"] == 'event: done\ndata: {"status": "cancelled"}\n\n'
+    assert result["yielded"] == "", result
+
+
+def test_a_stop_that_comes_as_the_events_end_is_not_raised_in_the_server(upstream, tmp_path):
+    """With init_app the events run in gunicorn's own greenlet: a Cancelled delivered after they
+    ended would land in gunicorn's wait for the connection's next request and drop it."""
+    assert run_case("stop_as_the_events_end", upstream, tmp_path) == {"cancelled_in_the_server": None}
