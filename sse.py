@@ -701,15 +701,19 @@ def iter_chunks(response, ends=SSE_ENDS):
         # The read timeout (requests' timeout=(connect, read)) as one timer per stream: the
         # socket's own timeout would start a gevent Timeout for every wait. urllib3 sets the
         # socket's timeout again for the connection's next request.
-        quiet = Quiet(sock.gettimeout(), lambda: producer.throw(socket.timeout("timed out")))
+        def timed_out():
+            if not stream._writing:  # blocked writing to a slow client is not the provider's silence
+                producer.throw(socket.timeout("timed out"))
+
+        quiet = Quiet(sock.gettimeout(), timed_out)
         sock.settimeout(None)
     tail = b""
     try:
         for chunk in chunks:
-            if quiet is not None:
-                quiet.touch()
             tail = (tail + chunk)[-4:]
             yield chunk
+            if quiet is not None:
+                quiet.touch()  # waiting on the provider again: its silence starts now, not while we wrote
     except Exception:
         if stream is not None and stream.reason:
             raise Cancelled(stream.reason, stream.stopped_at) from None  # the provider hung up on our FIN

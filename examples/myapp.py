@@ -13,7 +13,7 @@ from flask import Flask, Response, request
 from sse import Cancelled, EventStream, ServerSentEvent, init_app, sse_events
 
 app = Flask(__name__)
-init_app(app)                          # optional: each event written by the greenlet that read it (less CPU)
+init_app(app)                          # optional: one greenlet per stream under gevent (less memory and CPU)
 http = requests.Session()
 url = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:11434/v1/chat/completions")  # any OpenAI-style stream
 
@@ -22,7 +22,7 @@ url = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:11434/v1/chat/completions
 def stream():
     body = {"model": "any", "stream": True, "messages": request.get_json()["messages"]}
 
-    def events():                      # runs in its own greenlet (or thread)
+    def events():                      # runs in the response's greenlet (or its own greenlet, or a thread)
         try:
             with http.post(url, json=body, stream=True, timeout=(10, 300)) as resp:
                 for event in sse_events(resp):          # as it arrives; never half an event

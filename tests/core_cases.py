@@ -185,6 +185,29 @@ def stop_as_the_events_end(url, tmp):
     return {"cancelled_in_the_server": None}
 
 
+def read_timeout_while_writing_to_a_slow_client(url, tmp):
+    """The provider's read timeout (0.3 s) passes while the events' greenlet waits 0.6 s on a slow client's write."""
+    from providers.base import http
+    written = []
+
+    def write(data):
+        written.append(b"")
+        gevent.sleep(0.6)  # a client reading slowly: the write waits for room
+        written[-1] = data
+
+    def events():
+        try:
+            body = scenario(tag="slow-client", tokens=3, interval=0.05)
+            with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=(2, 0.3)) as resp:
+                for event in sse.sse_events(resp):
+                    yield sse.ServerSentEvent("piece", event.data)
+        except Exception as exc:  # noqa: BLE001 - the case reports whatever ended it
+            yield sse.ServerSentEvent("error", type(exc).__name__)
+
+    list(sse.EventStream(events(), environ={sse.WRITE_KEY: write}, keepalive=5))
+    return {"events": [data.decode().split("\n")[0] for data in written], "whole": all(written)}
+
+
 if __name__ == "__main__":
     case, url, tmp = sys.argv[1:4]
     print(json.dumps(globals()[case](url, tmp)), flush=True)

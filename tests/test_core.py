@@ -74,3 +74,11 @@ def test_a_stop_that_comes_as_the_events_end_is_not_raised_in_the_server(upstrea
     """With init_app the events run in gunicorn's own greenlet: a Cancelled delivered after they
     ended would land in gunicorn's wait for the connection's next request and drop it."""
     assert run_case("stop_as_the_events_end", upstream, tmp_path) == {"cancelled_in_the_server": None}
+
+
+def test_the_read_timeout_does_not_cut_a_write_to_a_slow_client(upstream, tmp_path):
+    """The read timeout is the provider's silence: while the greenlet that reads it is blocked
+    writing to a slow client, it must not fire inside the write (half an event, then an error)."""
+    result = run_case("read_timeout_while_writing_to_a_slow_client", upstream, tmp_path)
+    assert result["whole"], result
+    assert result["events"] == ["event: piece"] * len(result["events"]) and len(result["events"]) >= 3, result
