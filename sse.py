@@ -264,7 +264,7 @@ class EventStream:
         self._loop = gevent.get_hub().loop
         self._write = self._environ.get(WRITE_KEY)  # set by init_app(app), once start_response has run
         # One greenlet per stream when the events can be written without yielding them: a
-        # second one, parked, costs ~7 KB of memory for as long as the stream is open.
+        # second one, parked, costs ~6 KB of memory for as long as the stream is open.
         self._inline = self._write is not None
         if self._inline:
             self._producer = gevent.getcurrent()
@@ -298,7 +298,7 @@ class EventStream:
     def _emit(self, event):
         """Write the producer's event to the client (init_app: the response's own greenlet); else hand it to the writer."""
         # Written where it was read: no second greenlet to wake per event, and none parked
-        # for the stream's life (~7 KB: README, capacity, ninth round).
+        # for the stream's life (~6 KB: README, capacity, ninth round).
         if not self._inline:
             return self._put(event)
         if self._pinger is not None:

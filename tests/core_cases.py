@@ -113,7 +113,7 @@ def reads_wait_once_drained(url, tmp):
             "seconds": time.monotonic() - started}
 
 
-def producer_writes_when_the_writer_waits(url, tmp):
+def one_greenlet_reads_and_writes(url, tmp):
     """With the server's write() in the environ (sse.init_app), the response's own greenlet writes each event, in order."""
     log = []  # what reached the client, in order: each write's start and end, and what the body yielded
 

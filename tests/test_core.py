@@ -52,7 +52,7 @@ def test_with_init_app_the_responses_own_greenlet_reads_and_writes_each_event(up
     """sse.init_app passes the server's write() on: the greenlet that iterates the body reads
     the events and writes each itself, in order (one greenlet per stream), and a keepalive,
     written by a greenlet of its own in a silence, never overlaps an event's write."""
-    result = run_case("producer_writes_when_the_writer_waits", upstream, tmp_path)
+    result = run_case("one_greenlet_reads_and_writes", upstream, tmp_path)
     assert "interleaved" not in result, result
     assert result["by_reader"] == 5, result
     assert result["yielded"] == 0, result
