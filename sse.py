@@ -222,7 +222,7 @@ class EventStream:
             self._producer.kill(Cancelled(self.reason, self.stopped_at), block=False)  # even before it ran
 
     def _run(self):
-        """Yield the producer's events as bytes, all that are ready in one write, until it ends."""
+        """Run the events here (init_app), or yield the producer's as bytes, all that are ready in one write; until they end."""
         # One generator, not one per stage: a greenlet parked under each generator it
         # resumes keeps ~0.9 KB more of C stack for as long as the stream is open.
         if self._threads:
