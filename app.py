@@ -222,7 +222,7 @@ def create_app(settings=None):
         # X-Forwarded-For header is never believed.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
     db.init(settings.database_url)
-    sse.init_app(app)  # events written by the producer itself, without waking the writer
+    sse.init_app(app)  # one greenlet per stream: the response's own reads and writes its events
     if settings.provider == "demo":
         demo.init_app(app)  # the demo model's routes exist only when it is the provider
     stops.init_app(app)
