@@ -22,7 +22,7 @@ import metrics
 import providers
 import stops
 import sse
-from sse import Cancelled, EventStream, ServerSentEvent, to_json, when_idle
+from sse import WAIT, Cancelled, EventStream, ServerSentEvent, to_json, when_idle
 
 log = logging.getLogger("relay")
 
@@ -105,6 +105,9 @@ def generation(settings, gen_id, messages, max_tokens, stopped="", source=None):
         if stopped:
             raise Cancelled(stopped)  # a stop came before its chat: the provider is never asked
         for text in (source or partial(providers.stream, settings, messages, max_tokens))(info):
+            if text is WAIT:
+                yield WAIT  # the provider is silent: EventStream waits for it (sse.WAIT)
+                continue
             if first is None:
                 first, row["first_token_at"] = time.monotonic(), db.now()
             pieces.append(text)

@@ -84,6 +84,13 @@ class Cancelled(gevent.GreenletExit):
 
 
 _END = object()
+
+# Yielded up through the events, instead of waiting under them, when the provider has sent
+# nothing more yet (iter_chunks and sse_events with waits=True; each generator between them
+# and EventStream passes it on: `if event is WAIT: yield WAIT`). EventStream then waits for
+# the provider at the top of the stack: a waiting greenlet keeps its C stack in the heap,
+# ~0.7 KB for each generator it waits under, for as long as the stream is silent.
+WAIT = object()
 _live = set()  # this worker's open streams, so a shutdown can stop them all
 
 
@@ -169,6 +176,7 @@ class EventStream:
         self._ready, self._waiter, self._quiet, self._watcher = [], None, None, None
         self._write, self._writing, self._kill_after_write = None, False, False
         self._producer, self._inline, self._pinger = None, False, None
+        self._reader, self._thrown = None, None  # the provider's socket a WAIT waits on; what interrupted that wait
         self.reason = None  # why the stream was stopped, if it was
         self.stopped_at = None
         self.upstream = None  # the upstream response being read (set by iter_chunks)
@@ -291,9 +299,20 @@ class EventStream:
     def _produce(self):
         try:
             for event in self._events:
-                self._emit(event)
+                if event is WAIT:
+                    self._wait_upstream()
+                else:
+                    self._emit(event)
         finally:
             self._producing = False
+
+    def _wait_upstream(self):
+        """Wait here, at the top of the stack, until the provider sends more; on a WAIT from the events."""
+        try:
+            self._reader.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below the WAIT, where the events' handlers see it
+            # Cancelled, the read timeout, gunicorn's kill: iter_chunks raises it on resuming.
+            self._thrown = exc
 
     def _emit(self, event):
         """Write the producer's event to the client (init_app: the response's own greenlet); else hand it to the writer."""
@@ -679,8 +698,11 @@ class TruncatedStream(Exception):
 SSE_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
-def iter_chunks(response, ends=SSE_ENDS):
-    """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end."""
+def iter_chunks(response, ends=SSE_ENDS, waits=False):
+    """Yield a streamed requests response's body as it arrives; raise TruncatedStream at a cut end.
+
+    waits=True: yield WAIT instead of waiting for the provider, when EventStream runs these events.
+    """
     # Iterating the response or SSEClient(response) reads fixed blocks and batches events.
     # A chunked body (every provider's): urllib3's own parser hands on each chunk the moment
     # it is whole (a sender knows a chunk before it sends its size), for half the CPU of read1.
@@ -703,9 +725,22 @@ def iter_chunks(response, ends=SSE_ENDS):
 
         quiet = Quiet(sock.gettimeout(), timed_out)
         sock.settimeout(None)
+    # http.client reads the socket through a buffered file: raw._fp.fp (its raw: a SocketIO).
+    buffered = getattr(getattr(raw, "_fp", None), "fp", None)
+    reader = _WaitingWhenDrained.install(buffered)
+    waits = waits and stream is not None and reader is not None
     tail = b""
     try:
-        for chunk in chunks:
+        while True:
+            if waits and reader.idle(buffered):
+                stream._reader = reader
+                yield WAIT
+                thrown, stream._thrown = stream._thrown, None
+                if thrown is not None:
+                    raise thrown  # what interrupted EventStream's wait, as if it had come here
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
             tail = (tail + chunk)[-4:]
             yield chunk
             if quiet is not None:
@@ -724,6 +759,92 @@ def iter_chunks(response, ends=SSE_ENDS):
         raise TruncatedStream("upstream closed the connection in the middle of an event")
 
 
-def sse_events(response):
-    """Yield the sseclient Events of a streamed text/event-stream response as they arrive."""
-    return SSEClient(iter_chunks(response)).events()
+def sse_events(response, waits=False):
+    """Yield the sseclient Events of a streamed text/event-stream response as they arrive (and WAIT: see iter_chunks)."""
+    parser = _Parser()
+    for chunk in iter_chunks(response, waits=waits):
+        if chunk is WAIT:
+            yield WAIT
+        else:
+            yield from parser.parse(chunk)
+
+
+class _Parser(SSEClient):
+    """sseclient-py's parser, handed the body a chunk at a time: no generator of it waits for the provider."""
+
+    def __init__(self):
+        super().__init__(None)
+        self._chunk, self._data = b"", b""
+
+    def parse(self, chunk):
+        """Return an iterator of the events that `chunk` completes; an unfinished one is kept for the next chunk."""
+        self._chunk = chunk
+        return self.events()
+
+    def _read(self):
+        # sseclient-py's own _read, over one chunk, keeping an unfinished event across chunks.
+        chunk, self._chunk = self._chunk, b""
+        for line in chunk.splitlines(True):
+            self._data += line
+            if self._data.endswith(SSE_ENDS):
+                yield self._data
+                self._data = b""
+
+
+class _WaitingWhenDrained:
+    """A gevent socket, as http.client's buffered reader sees it, that waits for data before a read once one left it empty.
+
+    gevent's recv first asks the kernel and waits only on EAGAIN. Between two events a
+    stream's socket is empty, so that first call fails on every event: a system call and
+    an exception for nothing, ~4,900 instructions (bench/instructions.py). A read that
+    returned less than it asked for left the socket empty, so the next one waits first.
+    """
+
+    __slots__ = ("_sock", "_drained", "_peeking")
+
+    @classmethod
+    def install(cls, buffered):
+        """Put one between `buffered` (a file over a gevent socket) and its socket; return it, or None for another socket."""
+        socket_io = getattr(buffered, "raw", None)
+        sock = getattr(socket_io, "_sock", None)
+        if isinstance(sock, cls):
+            return sock
+        if type(sock).__name__ != "socket" or not hasattr(sock, "_read_event"):
+            return None  # not gevent's plain socket: TLS (its own buffer) or a thread's
+        socket_io._sock = waiting = cls(sock)
+        waiting._drained = True  # unknown (http.client has read the headers): at worst one wait for bytes already here
+        return waiting
+
+    def __init__(self, sock):
+        self._sock, self._drained, self._peeking = sock, False, False
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        """Read like socket.recv_into, waiting on gevent's own read watcher first when the last read drained the socket."""
+        if self._peeking:
+            return 0  # idle() looking into the buffer: read nothing
+        sock = self._sock
+        if self._drained and sock.timeout != 0.0:
+            sock._wait(sock._read_event)  # as gevent's recv_into does after EAGAIN; honours the timeout
+        n = sock.recv_into(buffer, nbytes, flags)
+        self._drained = n < (nbytes or len(buffer))
+        return n
+
+    def idle(self, buffered):
+        """Tell whether reading on would wait: the last read drained the socket and `buffered` holds nothing."""
+        if not self._drained:
+            return False
+        self._peeking = True
+        try:
+            return not buffered.peek(0)  # with nothing buffered, peek reads once: nothing (above)
+        except ValueError:
+            return False  # closed: reading on ends the body
+        finally:
+            self._peeking = False
+
+    def wait(self):
+        """Wait until the provider sends more or hangs up."""
+        self._sock._wait(self._sock._read_event)
+        self._drained = False
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)  # SocketIO also asks for fileno() and _decref_socketios()

@@ -1,7 +1,7 @@
 """Anthropic's Messages API, streamed (https://docs.anthropic.com/en/api/messages-streaming)."""
 import json
 
-from sse import sse_events
+from sse import WAIT, sse_events
 from .base import UpstreamError, post_stream
 
 API_VERSION = "2023-06-01"
@@ -20,7 +20,10 @@ def stream(settings, messages, max_tokens, info):
     usage = {}
     with post_stream(settings, "/v1/messages", body, headers, info) as resp:
         del body, headers  # the conversation, sent: not kept for the stream's life
-        for event in sse_events(resp):
+        for event in sse_events(resp, waits=True):
+            if event is WAIT:
+                yield WAIT  # the provider is silent: EventStream waits for it (sse.WAIT)
+                continue
             data = json.loads(event.data)
             kind = event.event if event.event != "message" else data.get("type")
             if kind == "content_block_delta" and data["delta"].get("type") == "text_delta":

@@ -24,33 +24,6 @@ class _Response(http.client.HTTPResponse):
         super().__init__(sock, *args, **kwargs)
         self.fp.close()  # http.client's own, made with the default size (closes the file, not the socket)
         self.fp = sock.makefile("rb", buffering=READ_BUFFER)
-        if type(sock).__name__ == "socket" and hasattr(sock, "_read_event"):  # gevent's, not TLS
-            self.fp.raw._sock = _WaitingWhenDrained(sock)
-
-
-class _WaitingWhenDrained:
-    """A gevent socket, as http.client's reader sees it, that waits for data before a read once one left it empty.
-
-    gevent's recv first asks the kernel and waits only on EAGAIN. Between two events a
-    stream's socket is empty, so that first call fails on every event: a system call and
-    an exception for nothing, ~4,900 instructions (bench/instructions.py). A read that
-    returned less than it asked for left the socket empty, so the next one waits first.
-    """
-
-    def __init__(self, sock):
-        self._sock, self._drained = sock, False
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        """Read like socket.recv_into, waiting on gevent's own read watcher first when the last read drained the socket."""
-        sock = self._sock
-        if self._drained and sock.timeout != 0.0:
-            sock._wait(sock._read_event)  # as gevent's recv_into does after EAGAIN; honours the timeout
-        n = sock.recv_into(buffer, nbytes, flags)
-        self._drained = n < (nbytes or len(buffer))
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)  # SocketIO also asks for fileno() and _decref_socketios()
 
 
 def _reading_through_small_buffers(pool):

@@ -1,7 +1,7 @@
 """Ollama's native chat API: newline-delimited JSON (https://github.com/ollama/ollama/blob/main/docs/api.md)."""
 import json
 
-from sse import iter_chunks
+from sse import WAIT, iter_chunks
 from .base import UpstreamError, post_stream
 
 
@@ -13,7 +13,10 @@ def stream(settings, messages, max_tokens, info):
     with post_stream(settings, "/api/chat", body, {"Accept": "application/x-ndjson"}, info) as resp:
         del body  # the conversation, sent: not kept for the stream's life
         buffer = b""
-        for chunk in iter_chunks(resp, ends=(b"\n",)):
+        for chunk in iter_chunks(resp, ends=(b"\n",), waits=True):
+            if chunk is WAIT:
+                yield WAIT  # the provider is silent: EventStream waits for it (sse.WAIT)
+                continue
             *lines, buffer = (buffer + chunk).split(b"\n")
             for line in lines:
                 if not line.strip():

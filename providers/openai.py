@@ -1,7 +1,7 @@
 """OpenAI-compatible chat completions (OpenAI, vLLM, llama.cpp, Ollama's /v1, LM Studio, the demo)."""
 import json
 
-from sse import sse_events
+from sse import WAIT, sse_events
 from .base import UpstreamError, error_message, post_stream
 
 
@@ -16,7 +16,10 @@ def stream(settings, messages, max_tokens, info):
         headers["Authorization"] = f"Bearer {settings.api_key}"
     with post_stream(settings, "/chat/completions", body, headers, info) as resp:
         del body, headers  # the conversation, sent: not kept for the stream's life
-        for event in sse_events(resp):
+        for event in sse_events(resp, waits=True):
+            if event is WAIT:
+                yield WAIT  # the provider is silent: EventStream waits for it (sse.WAIT)
+                continue
             if event.data.strip() == "[DONE]":
                 return
             yield from _pieces(event, info)

@@ -16,6 +16,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 import requests  # noqa: E402
+import urllib3  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sse  # noqa: E402
@@ -80,7 +81,7 @@ def stop_while_the_row_is_written(url, tmp):
 
 
 def reads_wait_once_drained(url, tmp):
-    """Read a stream of 20 events 20 ms apart, then a silence, through the relay's session; count failed reads."""
+    """Read a stream of 20 events 20 ms apart, then a silence, with iter_chunks through the relay's session; count failed reads."""
     from providers.base import http
 
     class Counting:
@@ -105,9 +106,9 @@ def reads_wait_once_drained(url, tmp):
     sock._sock = counting = Counting(sock._sock)
     events, error, started = 0, None, time.monotonic()
     try:
-        for line in resp.iter_lines():
-            events += line.startswith(b"data: {")
-    except requests.ConnectionError as exc:  # the read timeout, in the silence
+        for chunk in sse.iter_chunks(resp):
+            events += chunk.count(b"data: {")
+    except urllib3.exceptions.ReadTimeoutError as exc:  # the read timeout, in the silence
         error = type(exc).__name__
     return {"events": events, "reads": counting.reads, "refused": counting.refused, "error": error,
             "seconds": time.monotonic() - started}
@@ -206,6 +207,57 @@ def read_timeout_while_writing_to_a_slow_client(url, tmp):
 
     list(sse.EventStream(events(), environ={sse.WRITE_KEY: write}, keepalive=5))
     return {"events": [data.decode().split("\n")[0] for data in written], "whole": all(written)}
+
+
+def waits_for_the_provider_at_the_top(url, tmp):
+    """Streams whose events pass sse.WAIT on: what the greenlet waits under in a silence; a Stop and the read timeout then."""
+    from providers.base import http
+    seen = {}
+
+    def events(name, chat, read_timeout):
+        with http.post(url + "/v1/chat/completions", json=chat, stream=True, timeout=(2, read_timeout)) as resp:
+            try:
+                for event in sse.sse_events(resp, waits=True):
+                    if event is sse.WAIT:
+                        yield sse.WAIT
+                    elif event.data != "[DONE]":
+                        chunk = json.loads(event.data)
+                        yield sse.ServerSentEvent("piece", [c["delta"].get("content") for c in chunk["choices"]])
+            except BaseException as exc:  # where the events read: their own handlers must see it
+                seen[name] = type(exc).__name__
+                raise
+
+    def run(name, chat, read_timeout=30):
+        written = []
+        stream = sse.EventStream(events(name, chat, read_timeout), environ={sse.WRITE_KEY: written.append}, keepalive=5)
+        return stream, written, gevent.spawn(lambda: list(stream))
+
+    def frames(greenlet):
+        names, frame = [], greenlet.gr_frame
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return names
+
+    # Two pieces, a 0.5 s silence, two more: the silence is waited for at the top, nothing is lost.
+    _, written, reader = run("pause", scenario(tag="top-pause", tokens=4, interval=0.01, silence_after=2, silence=0.5))
+    gevent.sleep(0.3)
+    in_the_silence = frames(reader)
+    reader.get(timeout=5)
+    pieces = [json.loads(data.decode().split("data: ", 1)[1]) for data in written if data.startswith(b"event: piece")]
+    # A provider deaf to our FIN, silent: only the Cancelled raised into the wait can end it.
+    stream, _, reader = run("stop", scenario(tag="top-stop", tokens=3, silence_after=1, silence=30, deaf=True))
+    gevent.sleep(0.3)
+    started = time.monotonic()
+    stream.stop("stop_request")
+    reader.join(timeout=5)
+    stopped_in = time.monotonic() - started
+    # The read timeout (0.3 s) in a 30 s silence.
+    started = time.monotonic()
+    _, _, reader = run("timeout", scenario(tag="top-timeout", tokens=3, silence_after=1, silence=30), read_timeout=0.3)
+    reader.join(timeout=5)
+    return {"in_the_silence": in_the_silence, "pieces": pieces, "seen": seen, "stopped_in": stopped_in,
+            "timed_out_in": time.monotonic() - started}
 
 
 if __name__ == "__main__":

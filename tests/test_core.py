@@ -37,14 +37,14 @@ def test_a_stop_while_the_row_is_written_loses_no_row(upstream, tmp_path):
 
 
 def test_a_drained_provider_socket_is_waited_on_not_read(upstream, tmp_path):
-    """Between events a provider's socket is empty: the relay's session waits for it instead of
-    first asking the kernel for bytes it has not got (a system call and an exception per event),
-    and its read timeout still holds in a silence."""
+    """Between events a provider's socket is empty: iter_chunks waits for it instead of first
+    asking the kernel for bytes it has not got (a system call and an exception per event), and
+    the read timeout still holds in a silence."""
     result = run_case("reads_wait_once_drained", upstream, tmp_path)
     assert result["events"] >= 20, result  # the tokens, and the role and usage chunks around them
     assert result["refused"] <= 2, result  # gevent's own recv: one refused read per event (~20)
     assert result["reads"] >= 20
-    assert result["error"] == "ConnectionError"  # requests' ReadTimeout... from urllib3's
+    assert result["error"] == "ReadTimeoutError"  # urllib3's, from the socket's timeout
     assert result["seconds"] < 3  # 0.4 s of events, then the 0.5 s read timeout, not the 5 s silence
 
 
@@ -82,3 +82,19 @@ def test_the_read_timeout_does_not_cut_a_write_to_a_slow_client(upstream, tmp_pa
     result = run_case("read_timeout_while_writing_to_a_slow_client", upstream, tmp_path)
     assert result["whole"], result
     assert result["events"] == ["event: piece"] * len(result["events"]) and len(result["events"]) >= 3, result
+
+
+def test_events_that_pass_wait_on_wait_for_the_provider_under_no_generator(upstream, tmp_path):
+    """With sse_events(resp, waits=True) and WAIT passed on, a silent stream's greenlet waits
+    at the top of its stack (a waiting greenlet keeps its C stack: ~0.7 KB per generator it
+    waits under); the pieces after a silence all arrive; a Stop and the read timeout that come
+    during the wait are raised where the events read, so their own handlers run."""
+    result = run_case("waits_for_the_provider_at_the_top", upstream, tmp_path)
+    stack = result["in_the_silence"]
+    assert stack[:2] == ["wait", "_wait_upstream"], stack  # innermost first
+    assert not {"events", "sse_events", "iter_chunks", "read_chunked"} & set(stack), stack
+    # the last two: finish_reason, usage
+    assert result["pieces"] == [["tok0 "], ["tok1 "], ["tok2 "], ["tok3 "], [None], []], result
+    assert "pause" not in result["seen"]  # [DONE] ended it
+    assert result["seen"]["stop"] == "Cancelled" and result["stopped_in"] < 2, result
+    assert result["seen"]["timeout"] == "TimeoutError" and result["timed_out_in"] < 3, result
