@@ -11,7 +11,9 @@ This module holds the links that live in the worker:
                       blocked (connect, waiting for headers, reading the body), and
                       requests/urllib3 close that connection instead of pooling it.
   upstream -> worker  iter_chunks() passes bytes on as they arrive and refuses a body
-                      that ends mid-event, so no truncated event is ever relayed.
+                      that ends mid-event, so no truncated event is ever relayed; with
+                      waits=True it yields WAIT when there are none yet, and EventStream
+                      waits for the provider at the top of the stack (see WAIT).
 
 With init_app(app), the response's own greenlet reads the provider and writes each event
 to the client itself (one greenlet per stream; a keepalive gets a greenlet for its write);
@@ -782,13 +784,15 @@ class _Parser(SSEClient):
         return self.events()
 
     def _read(self):
-        # sseclient-py's own _read, over one chunk, keeping an unfinished event across chunks.
-        chunk, self._chunk = self._chunk, b""
+        # sseclient-py's own _read, over one chunk, keeping an unfinished event across chunks
+        # (a list: a generator per chunk costs more).
+        chunk, self._chunk, events = self._chunk, b"", []
         for line in chunk.splitlines(True):
             self._data += line
             if self._data.endswith(SSE_ENDS):
-                yield self._data
+                events.append(self._data)
                 self._data = b""
+        return events
 
 
 class _WaitingWhenDrained:
