@@ -829,7 +829,10 @@ class _WaitingWhenDrained:
         sock = self._sock
         if self._drained and sock.timeout != 0.0:
             sock._wait(sock._read_event)  # as gevent's recv_into does after EAGAIN; honours the timeout
-        n = sock.recv_into(buffer, nbytes, flags)
+        try:
+            n = sock._sock.recv_into(buffer, nbytes, flags)  # the OS socket's: gevent's adds a Python call per read
+        except BlockingIOError:
+            n = sock.recv_into(buffer, nbytes, flags)  # nothing after all: gevent's waits
         self._drained = n < (nbytes or len(buffer))
         return n
 
