@@ -729,7 +729,7 @@ def iter_chunks(response, ends=SSE_ENDS, waits=False):
         sock.settimeout(None)
     # http.client reads the socket through a buffered file: raw._fp.fp (its raw: a SocketIO).
     buffered = getattr(getattr(raw, "_fp", None), "fp", None)
-    reader = _WaitingWhenDrained.install(buffered)
+    reader = _ReadingWhenDrained.install(buffered)
     waits = waits and stream is not None and reader is not None
     tail = b""
     try:
@@ -795,8 +795,8 @@ class _Parser(SSEClient):
         return events
 
 
-class _WaitingWhenDrained:
-    """A gevent socket, as http.client's buffered reader sees it, that waits for data before a read once one left it empty.
+class _ReadingWhenDrained(socket.SocketIO):
+    """http.client's raw reader of a gevent socket, which waits for data before a read once one left the socket empty.
 
     gevent's recv first asks the kernel and waits only on EAGAIN. Between two events a
     stream's socket is empty, so that first call fails on every event: a system call and
@@ -804,36 +804,32 @@ class _WaitingWhenDrained:
     returned less than it asked for left the socket empty, so the next one waits first.
     """
 
-    __slots__ = ("_sock", "_drained", "_peeking")
-
     @classmethod
     def install(cls, buffered):
-        """Put one between `buffered` (a file over a gevent socket) and its socket; return it, or None for another socket."""
-        socket_io = getattr(buffered, "raw", None)
-        sock = getattr(socket_io, "_sock", None)
-        if isinstance(sock, cls):
-            return sock
-        if type(sock).__name__ != "socket" or not hasattr(sock, "_read_event"):
+        """Make the raw reader under `buffered` (a file over a gevent socket) one of these; return it, or None for another socket."""
+        raw = getattr(buffered, "raw", None)
+        if type(raw) is cls:
+            return raw
+        if type(raw) is not socket.SocketIO or type(raw._sock).__name__ != "socket" or not hasattr(raw._sock, "_read_event"):
             return None  # not gevent's plain socket: TLS (its own buffer) or a thread's
-        socket_io._sock = waiting = cls(sock)
-        waiting._drained = True  # unknown (http.client has read the headers): at worst one wait for bytes already here
-        return waiting
+        # A subclass of the same layout: SocketIO's own readinto re-checks, on every read, what
+        # the buffered reader above it checks already, and then calls gevent's recv_into.
+        raw.__class__ = cls
+        raw._drained, raw._peeking = True, False  # drained: unknown (http.client has read the headers)
+        return raw
 
-    def __init__(self, sock):
-        self._sock, self._drained, self._peeking = sock, False, False
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        """Read like socket.recv_into, waiting on gevent's own read watcher first when the last read drained the socket."""
+    def readinto(self, b):
+        """Read like SocketIO.readinto, waiting on gevent's own read watcher first when the last read drained the socket."""
         if self._peeking:
             return 0  # idle() looking into the buffer: read nothing
         sock = self._sock
         if self._drained and sock.timeout != 0.0:
             sock._wait(sock._read_event)  # as gevent's recv_into does after EAGAIN; honours the timeout
         try:
-            n = sock._sock.recv_into(buffer, nbytes, flags)  # the OS socket's: gevent's adds a Python call per read
+            n = sock._sock.recv_into(b)  # the OS socket's
         except BlockingIOError:
-            n = sock.recv_into(buffer, nbytes, flags)  # nothing after all: gevent's waits
-        self._drained = n < (nbytes or len(buffer))
+            n = sock.recv_into(b)  # nothing after all: gevent's waits
+        self._drained = n < len(b)
         return n
 
     def idle(self, buffered):
@@ -852,6 +848,3 @@ class _WaitingWhenDrained:
         """Wait until the provider sends more or hangs up."""
         self._sock._wait(self._sock._read_event)
         self._drained = False
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)  # SocketIO also asks for fileno() and _decref_socketios()

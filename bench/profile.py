@@ -53,7 +53,7 @@ MEMORY_CATEGORIES = [  # (name, test of an allocation site "file:line" and its s
     # A greenlet that waits has its part of the C stack copied to the heap, charged to the line it waits on.
     ("greenlet stacks (copied out while a greenlet waits)",
      lambda where, src: "_socketcommon.py" in where or "hub.py" in where or ("sse.py" in where and ".get(" in src)
-     or "._wait(" in src),  # sse.py's _WaitingWhenDrained waits on the socket itself
+     or "._wait(" in src),  # sse.py's _ReadingWhenDrained waits on the socket itself
     ("socket read buffers (io.BufferedReader)", lambda where, src: "BufferedReader" in src),
     ("greenlets, timers and watchers",
      lambda where, src: any(p in src for p in ("gevent.spawn", ".link(", "loop.timer", "loop.io", "Waiter()"))
