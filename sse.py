@@ -310,8 +310,9 @@ class EventStream:
 
     def _wait_upstream(self):
         """Wait here, at the top of the stack, until the provider sends more; on a WAIT from the events."""
+        wait = self._reader.wait  # the socket of the iter_chunks that yielded the WAIT
         try:
-            self._reader.wait()
+            wait()
         except BaseException as exc:  # noqa: BLE001 - re-raised below the WAIT, where the events' handlers see it
             # Cancelled, the read timeout, gunicorn's kill: iter_chunks raises it on resuming.
             self._thrown = exc

@@ -37,8 +37,10 @@ PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 CPU_CATEGORIES = [  # (name, frame substrings); a sample goes to the first whose pattern is in its leaf-most match
     ("loop: libev, greenlet switches", ["Hub.run"]),
     ("write to the client (gunicorn chunked write, sendall)", ["Response.write (gunicorn"]),
-    ("waiting machinery (gevent Timeout, watchers)", ["timeout.py", "_primitive_wait", "wait_on_watcher"]),
-    ("read from the provider: recv", ["recv_into", "SocketIO.readinto"]),
+    # (sse.py's idle(): is anything left to read before the stream waits at the top, tenth round)
+    ("waiting machinery (gevent Timeout, watchers)", ["timeout.py", "_primitive_wait", "wait_on_watcher", "idle (sse",
+                                                      "_wait_upstream (sse"]),
+    ("read from the provider: recv", ["recv_into", "SocketIO.readinto", "readinto (sse"]),
     ("read from the provider: HTTP chunks (urllib3, http.client)", ["urllib3/response.py", "http/client.py"]),
     ("SSE parsing (sseclient-py)", ["sseclient/"]),
     ("JSON decoding", ["json/decoder.py", "loads (json"]),
