@@ -2,9 +2,10 @@
 
 A provider's stream(settings, messages, max_tokens, info) POSTs with post_stream(), yields
 each text piece as it arrives (and sse.WAIT from sse_events(..., waits=True) while the
-provider is silent, so EventStream waits for it under no generator), fills `info` (finish_reason, usage) and returns when the
-provider's terminal event arrives. It raises UpstreamError for anything else;
-upstream_error() below turns network and parse failures into UpstreamError too.
+provider is silent, so EventStream waits for it under no generator), fills `info`
+(finish_reason, usage) and returns when the provider's terminal event arrives. It raises
+UpstreamError for anything else; upstream_error() below turns network and parse failures
+into UpstreamError too.
 """
 import socket
 
